@@ -1,0 +1,255 @@
+//! Where a binary cache's objects live. One small trait, [`Backend`], and one module per store,
+//! each behind a cargo feature (`fs` is always there).
+//!
+//! # The contract
+//! Keys are relative, `/`-separated object names such as `nix-cache-info`, `<hash>.narinfo` or
+//! `nar/<filehash>.nar.zst`. Every implementation guarantees:
+//! - **Atomic puts.** An object is either absent or complete under its final key; a reader never
+//!   sees a partial object, even if the writer crashes mid-way.
+//! - **Create-if-absent.** [`PutMode::Create`] succeeds only if no object has the key, otherwise
+//!   fails with [`ErrorKind::AlreadyExists`] and leaves the existing object untouched. When two
+//!   writers race, exactly one wins. Narinfos are written this way, so the first builder to
+//!   publish a path wins and later ones do not rewrite it.
+//! - **Idempotent overwrite.** [`PutMode::Overwrite`] replaces atomically.
+//! - **Bounded memory.** Bodies are staged files ([`Body::File`]) or small in-memory objects;
+//!   a backend streams files and never holds one whole in memory. [`Backend::get`] returns a
+//!   stream.
+//! - **Classified errors.** Every failure carries an [`ErrorKind`] so callers can retry only what
+//!   may succeed later ([`ErrorKind::Transient`]).
+//!
+//! Dispatch is dynamic (`Arc<dyn Backend>`): the backend is chosen at run time from a cache
+//! address, and the cost of a virtual call is nothing next to an upload.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+
+#[cfg(feature = "fs")]
+pub mod fs;
+
+/// A stream of an object's bytes.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, BackendError>> + Send>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace any existing object.
+    Overwrite,
+    /// Fail with [`ErrorKind::AlreadyExists`] if the key exists.
+    Create,
+}
+
+/// What to upload.
+pub enum Body {
+    /// A small object held in memory (narinfo, nix-cache-info).
+    Bytes(Bytes),
+    /// A staged file, typically a compressed NAR. The backend consumes it: it may rename it into
+    /// place (when [`Backend::staging_dir`] put it on the same filesystem) or stream it and drop
+    /// it, which deletes it.
+    File(tempfile::TempPath),
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Body::Bytes(b) => write!(f, "Body::Bytes({} bytes)", b.len()),
+            Body::File(p) => write!(f, "Body::File({})", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PutOptions {
+    pub mode: PutMode,
+    /// The `Content-Type` a web server should serve it with, where the store keeps one.
+    pub content_type: &'static str,
+}
+
+/// Error kinds, by what a caller can do about them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    /// Wrong credentials or not allowed: retrying will not help until someone changes something.
+    Permission,
+    /// Network trouble, throttling, a server error: retrying may succeed.
+    Transient,
+    /// A bad address or setting, detected before any request.
+    Config,
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {key:?}: {message}")]
+pub struct BackendError {
+    pub kind: ErrorKind,
+    pub op: &'static str,
+    pub key: String,
+    pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BackendError {
+    pub fn new(kind: ErrorKind, op: &'static str, key: &str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            op,
+            key: key.to_owned(),
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Classify an I/O error from a local or remote file system.
+    pub fn io(op: &'static str, key: &str, e: io::Error) -> Self {
+        use io::ErrorKind as K;
+        let kind = match e.kind() {
+            K::NotFound => ErrorKind::NotFound,
+            K::AlreadyExists => ErrorKind::AlreadyExists,
+            K::PermissionDenied => ErrorKind::Permission,
+            K::Interrupted
+            | K::TimedOut
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::ConnectionRefused
+            | K::BrokenPipe
+            | K::WouldBlock => ErrorKind::Transient,
+            _ => ErrorKind::Other,
+        };
+        Self {
+            kind,
+            op,
+            key: key.to_owned(),
+            message: e.to_string(),
+            source: None,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Store `body` under `key`, atomically, as `opts.mode` says.
+    async fn put(&self, key: &str, body: Body, opts: PutOptions) -> Result<(), BackendError>;
+
+    async fn exists(&self, key: &str) -> Result<bool, BackendError>;
+
+    /// The object's bytes; [`ErrorKind::NotFound`] if absent.
+    async fn get(&self, key: &str) -> Result<ByteStream, BackendError>;
+
+    /// Keys that start with `prefix`, in no particular order.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+
+    /// Remove `key`; removing an absent key succeeds.
+    async fn delete(&self, key: &str) -> Result<(), BackendError>;
+
+    /// Where to stage files for [`Body::File`] so that `put` can move rather than copy them:
+    /// the fs backend names a directory on the cache's filesystem. `None`: anywhere.
+    fn staging_dir(&self) -> Option<&Path> {
+        None
+    }
+
+    /// A human-readable address of the cache, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Conveniences on top of [`Backend`].
+#[async_trait::async_trait]
+pub trait BackendExt: Backend {
+    /// Read a small object whole; refuse one larger than `limit` bytes.
+    async fn get_bytes(&self, key: &str, limit: usize) -> Result<Bytes, BackendError> {
+        use futures::TryStreamExt as _;
+        let mut stream = self.get(key).await?;
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.try_next().await? {
+            if buf.len() + chunk.len() > limit {
+                return Err(BackendError::new(
+                    ErrorKind::Other,
+                    "get",
+                    key,
+                    format!("object is larger than {limit} bytes"),
+                ));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.into())
+    }
+
+    /// Like `get_bytes`, with `None` for an absent object.
+    async fn get_optional(&self, key: &str, limit: usize) -> Result<Option<Bytes>, BackendError> {
+        match self.get_bytes(key, limit).await {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<T: Backend + ?Sized> BackendExt for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid cache address {0:?}: {1}")]
+    Invalid(String, String),
+    #[error("cache address {0:?}: the {1} backend is not compiled in (cargo feature {1:?})")]
+    NotCompiled(String, &'static str),
+    #[error("cache address {0:?}: unsupported scheme {1:?} (expected file://, or a plain path)")]
+    UnsupportedScheme(String, String),
+    #[error("cache address {addr:?}: {source}")]
+    Backend {
+        addr: String,
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// Open a cache from an address in Nix's syntax: `file:///path` or a plain path.
+pub async fn open(addr: &str) -> Result<Arc<dyn Backend>, OpenError> {
+    let (scheme, rest) = match addr.split_once("://") {
+        Some((s, r)) => (s, r),
+        None => ("file", addr),
+    };
+    match scheme {
+        "file" => {
+            #[cfg(feature = "fs")]
+            {
+                let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let params = parse_params(addr, query)?;
+                let fs = fs::FsBackend::from_params(PathBuf::from(path), &params)
+                    .await
+                    .map_err(|e| OpenError::Invalid(addr.to_owned(), e))?;
+                Ok(Arc::new(fs))
+            }
+            #[cfg(not(feature = "fs"))]
+            Err(OpenError::NotCompiled(addr.to_owned(), "fs"))
+        }
+        other => Err(OpenError::UnsupportedScheme(
+            addr.to_owned(),
+            other.to_owned(),
+        )),
+    }
+}
+
+/// `a=b&c=d`, percent-decoded. Parameters are checked by each backend, which refuses unknown ones.
+fn parse_params(addr: &str, query: &str) -> Result<Vec<(String, String)>, OpenError> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| {
+            if k.is_empty() {
+                Err(OpenError::Invalid(
+                    addr.to_owned(),
+                    "empty parameter name".into(),
+                ))
+            } else {
+                Ok((k.into_owned(), v.into_owned()))
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,271 @@
+//! `nixpush push --to CACHE [PATHS...]`.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use indicatif::HumanBytes;
+use nixpush::formats::signing::SecretKey;
+use nixpush::formats::{Compression, StoreDir, StorePath};
+use nixpush::pipeline::{self, CompressOptions};
+use nixpush::push::{PushOptions, Pusher};
+use nixpush::store::Store;
+
+use super::progress::Progress;
+
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The cache: `file:///dir` or a plain directory path. Nix's store parameters
+    /// `compression`, `secret-key` and `parallel-compression` are understood in the address.
+    #[arg(long, env = "NIXPUSH_TO", value_name = "CACHE")]
+    to: String,
+    /// Secret key file to sign with (repeatable), as made by `nixpush keygen` or
+    /// `nix-store --generate-binary-cache-key`.
+    #[arg(long = "key-file", env = "NIXPUSH_KEY_FILE", value_name = "FILE")]
+    key_files: Vec<PathBuf>,
+    /// Publish unsigned narinfos. Without a key, this must be said explicitly.
+    #[arg(long, conflicts_with = "key_files")]
+    no_sign: bool,
+    /// none, xz, bzip2 or zstd [default: zstd].
+    #[arg(long, value_name = "C")]
+    compression: Option<Compression>,
+    /// Codec level (xz 0-9, bzip2 1-9, zstd -7-22); default: the codec's own.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    compression_level: Option<i32>,
+    /// Paths compressed and uploaded at once [default: number of CPUs].
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<usize>,
+    /// Re-upload paths already in the cache and rewrite their narinfos.
+    #[arg(long)]
+    force: bool,
+    /// Skip paths signed by this key name, e.g. cache.nixos.org-1 (repeatable): they are
+    /// available upstream.
+    #[arg(long, value_name = "KEYNAME")]
+    skip_signed_by: Vec<String>,
+    /// Also read paths from standard input, one per line (or whitespace-separated).
+    #[arg(long)]
+    stdin: bool,
+    /// Store paths, paths inside them, or symlinks to them such as `./result`.
+    /// A `.drv` also pushes its built outputs. `-` reads standard input.
+    paths: Vec<String>,
+}
+
+/// Store-level settings a Nix user may put in the address, as for `nix copy --to`.
+struct AddressParams {
+    backend_addr: String,
+    compression: Option<Compression>,
+    secret_key: Option<PathBuf>,
+    parallel: Option<bool>,
+}
+
+fn split_address(addr: &str) -> anyhow::Result<AddressParams> {
+    let (base, query) = addr.split_once('?').unwrap_or((addr, ""));
+    let mut out = AddressParams {
+        backend_addr: base.to_owned(),
+        compression: None,
+        secret_key: None,
+        parallel: None,
+    };
+    let mut rest = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "compression" => {
+                out.compression = Some(
+                    v.parse()
+                        .with_context(|| format!("in cache address {addr:?}"))?,
+                )
+            }
+            "secret-key" => out.secret_key = Some(PathBuf::from(&*v)),
+            "parallel-compression" => {
+                out.parallel = Some(match &*v {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        bail!("cache address {addr:?}: parallel-compression must be true or false")
+                    }
+                })
+            }
+            _ => {
+                rest.append_pair(&k, &v);
+            }
+        }
+    }
+    let rest = rest.finish();
+    if !rest.is_empty() {
+        out.backend_addr = format!("{base}?{rest}");
+    }
+    Ok(out)
+}
+
+fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    SecretKey::parse(&text)
+        .with_context(|| format!("key file {} is not a secret key", path.display()))
+}
+
+/// Lexically clean an absolute path: drop `.`, apply `..`.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// A command-line path to the store path it names: a store path, a path inside one, or a
+/// chain of symlinks (like `./result`) that ends in the store.
+fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
+    let mut p =
+        normalize(&std::path::absolute(arg).with_context(|| format!("invalid path {arg:?}"))?);
+    for _ in 0..40 {
+        if p.starts_with(store_dir.as_str()) {
+            return store_dir
+                .containing(&p)
+                .with_context(|| format!("{arg:?} does not name a store path"));
+        }
+        let meta = std::fs::symlink_metadata(&p).with_context(|| format!("{arg:?}"))?;
+        if !meta.file_type().is_symlink() {
+            bail!(
+                "{arg:?} ({}) is not in the Nix store {}",
+                p.display(),
+                store_dir.as_str()
+            );
+        }
+        let target = std::fs::read_link(&p).with_context(|| format!("{arg:?}"))?;
+        p = normalize(&p.parent().unwrap_or(Path::new("/")).join(target));
+    }
+    bail!("{arg:?}: too many levels of symbolic links")
+}
+
+pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let addr = split_address(&args.to)?;
+    let compression = match (args.compression, addr.compression) {
+        (Some(a), Some(b)) if a != b => {
+            bail!("--compression {a} contradicts compression={b} in the cache address")
+        }
+        (a, b) => a.or(b).unwrap_or(Compression::Zstd),
+    };
+    pipeline::validate_level(compression, args.compression_level)?;
+
+    let mut key_files = args.key_files.clone();
+    key_files.extend(addr.secret_key.clone());
+    let keys = key_files
+        .iter()
+        .map(|f| read_key(f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if keys.is_empty() && !args.no_sign {
+        bail!("no signing key: give --key-file FILE (or NIXPUSH_KEY_FILE), or --no-sign to publish unsigned paths on purpose");
+    }
+
+    let mut raw: Vec<String> = args.paths.iter().filter(|p| *p != "-").cloned().collect();
+    if args.stdin || args.paths.iter().any(|p| p == "-") {
+        let text = tokio::task::spawn_blocking(|| std::io::read_to_string(std::io::stdin()))
+            .await?
+            .context("cannot read paths from standard input")?;
+        raw.extend(text.split_whitespace().map(str::to_owned));
+    }
+    if raw.is_empty() {
+        bail!("no paths to push (give store paths as arguments, or --stdin)");
+    }
+
+    let store = Store::open().await?;
+    let sd = store.store_dir().clone();
+    let mut roots = BTreeSet::new();
+    for r in &raw {
+        roots.insert(resolve(&sd, r)?);
+    }
+    let roots: Vec<StorePath> = roots.into_iter().collect();
+
+    let backend = nixpush_backends::open(&addr.backend_addr).await?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match addr.parallel {
+        Some(false) => 1,
+        _ => cpus as u32,
+    };
+    let opts = PushOptions {
+        compress: CompressOptions {
+            compression,
+            level: args.compression_level,
+            threads,
+        },
+        jobs: args.jobs.unwrap_or(cpus).max(1),
+        force: args.force,
+        keys,
+        skip_signed_by: args.skip_signed_by.clone(),
+    };
+    let progress = Progress::new(sd.clone());
+    let pusher = Pusher::new(store, backend.clone(), opts);
+    let summary = pusher.push(&roots, progress.sink()).await;
+    progress.finish();
+    let s = summary?;
+
+    let secs = started.elapsed().as_secs_f64();
+    let mut line = if s.published == 0 && s.failed.is_empty() && s.raced == 0 {
+        format!(
+            "nothing to push: all {} paths of the closure are already in {}",
+            s.closure - s.upstream,
+            backend.describe()
+        )
+    } else {
+        format!(
+            "pushed {} paths to {} ({} NAR, {} {compression}) in {secs:.1}s, {}/s; {} already there",
+            s.published,
+            backend.describe(),
+            HumanBytes(s.nar_bytes),
+            HumanBytes(s.file_bytes),
+            HumanBytes((s.nar_bytes as f64 / secs.max(1e-3)) as u64),
+            s.present + s.raced,
+        )
+    };
+    if s.upstream > 0 {
+        line.push_str(&format!("; {} skipped as signed upstream", s.upstream));
+    }
+    if !s.failed.is_empty() {
+        line.push_str(&format!("; {} FAILED", s.failed.len()));
+    }
+    eprintln!("{line}");
+    if s.failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for (p, e) in &s.failed {
+            eprintln!("nixpush: error: {}: {e}", sd.display(p));
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_params() {
+        let a =
+            split_address("file:///tmp/c?compression=xz&secret-key=/k&parallel-compression=true")
+                .unwrap();
+        assert_eq!(a.backend_addr, "file:///tmp/c");
+        assert_eq!(a.compression, Some(Compression::Xz));
+        assert_eq!(a.secret_key.as_deref(), Some(Path::new("/k")));
+        let b = split_address("file:///tmp/c?bogus=1").unwrap();
+        assert_eq!(b.backend_addr, "file:///tmp/c?bogus=1");
+        assert!(split_address("file:///c?compression=lz9").is_err());
+    }
+
+    #[test]
+    fn normalizes() {
+        assert_eq!(
+            normalize(Path::new("/nix/store/../etc/./x")),
+            Path::new("/nix/etc/x")
+        );
+    }
+}

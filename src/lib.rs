@@ -1,0 +1,13 @@
+//! nixpush: publish Nix store paths to binary caches.
+//!
+//! Layers, each with one job (see `docs/architecture.md`):
+//! - [`formats`]: what Nix reads, pure (store paths, nixbase32, NAR, narinfo, keys, cache info).
+//! - [`store`]: what we ask the local Nix store (closures and path metadata).
+//! - [`pipeline`]: one store path to one staged, compressed NAR, in one streaming pass.
+//! - [`push`]: which paths to publish, in which order, how many at once.
+//! - the `nixpush-backends` crate: where the objects go.
+
+pub mod formats;
+pub mod pipeline;
+pub mod push;
+pub mod store;

@@ -1,0 +1,250 @@
+//! One store path to one staged, compressed NAR, in a single streaming pass:
+//! ```text
+//! directory walk ─► NAR bytes ─► NarHash, NarSize ─► compressor ─► FileHash, FileSize ─► staged file
+//! ```
+//! Memory stays flat whatever the NAR size: the only buffers are the copy buffer, a write
+//! buffer on each side of the compressor, and the compressor's own window.
+//!
+//! The compressed NAR is staged in a file rather than streamed straight to the backend because
+//! its object key is named after its FileHash, which is known only at the end. Where the backend
+//! lives on the local filesystem it gives us a staging directory next to the final place, and
+//! the "upload" is a rename. Staging also lets the caller check the NarHash against Nix's
+//! database before anything becomes visible, and retry an upload without recompressing.
+
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use sha2::Digest as _;
+
+use crate::formats::{nar, Compression, Sha256};
+
+/// Below this NAR size a single compression thread is as fast and wastes no start-up work.
+const MULTITHREAD_MIN_NAR: u64 = 4 << 20;
+const WRITE_BUF: usize = 256 << 10;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CompressOptions {
+    pub compression: Compression,
+    /// Codec level; `None` for the codec's default (as Nix: xz 6, zstd 3, bzip2 9).
+    pub level: Option<i32>,
+    /// Worker threads for one large NAR, where the codec can use them (zstd, xz).
+    pub threads: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Dump(#[from] nar::DumpError),
+    #[error("cannot create a staging file in {dir}: {source}")]
+    Staging {
+        dir: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{compression} compression level {level} is out of range ({range})")]
+    Level {
+        compression: Compression,
+        level: i32,
+        range: &'static str,
+    },
+}
+
+/// A compressed NAR waiting in a temporary file (removed when dropped).
+#[derive(Debug)]
+pub struct Staged {
+    pub file: tempfile::TempPath,
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    pub file_hash: Sha256,
+    pub file_size: u64,
+}
+
+/// Check a level before any work starts, so a bad one is reported once, not per path.
+pub fn validate_level(compression: Compression, level: Option<i32>) -> Result<(), PipelineError> {
+    let Some(level) = level else { return Ok(()) };
+    let (ok, range) = match compression {
+        Compression::None => (true, "ignored"),
+        Compression::Xz => ((0..=9).contains(&level), "0-9"),
+        Compression::Bzip2 => ((1..=9).contains(&level), "1-9"),
+        Compression::Zstd => ((-7..=22).contains(&level), "-7-22"),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(PipelineError::Level {
+            compression,
+            level,
+            range,
+        })
+    }
+}
+
+/// Serialise `source` as a NAR, compress and hash it into a temporary file in `staging_dir`
+/// (or the system temp dir). `size_hint` is the expected NarSize (0 if unknown), used to size
+/// the compressor.
+pub fn stage(
+    source: &Path,
+    staging_dir: Option<&Path>,
+    opts: CompressOptions,
+    size_hint: u64,
+) -> Result<Staged, PipelineError> {
+    validate_level(opts.compression, opts.level)?;
+    let dir = staging_dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let tmp = tempfile::Builder::new()
+        .prefix(".nixpush-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|source| PipelineError::Staging {
+            dir: dir.display().to_string(),
+            source,
+        })?;
+    let (file, path) = tmp.into_parts();
+    let sink_err = |e: io::Error| PipelineError::Dump(nar::DumpError::Sink(e));
+
+    let file_side = HashingWriter::new(BufWriter::with_capacity(WRITE_BUF, file));
+    let threads = if size_hint >= MULTITHREAD_MIN_NAR {
+        opts.threads
+    } else {
+        1
+    };
+    let encoder = Encoder::new(file_side, opts.compression, opts.level, threads, size_hint)
+        .map_err(sink_err)?;
+    let nar_side = BufWriter::with_capacity(WRITE_BUF, HashingWriter::new(encoder));
+
+    let nar_side = nar::dump(source, nar_side)?;
+    let nar_hashing = nar_side
+        .into_inner()
+        .map_err(|e| sink_err(e.into_error()))?;
+    let (encoder, nar_hash, nar_size) = nar_hashing.finish();
+    let file_side = encoder.finish().map_err(sink_err)?;
+    let (buffered, file_hash, file_size) = file_side.finish();
+    let file = buffered
+        .into_inner()
+        .map_err(|e| sink_err(e.into_error()))?;
+    drop(file);
+    Ok(Staged {
+        file: path,
+        nar_hash,
+        nar_size,
+        file_hash,
+        file_size,
+    })
+}
+
+/// Passes bytes through and hashes and counts what was written.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    count: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: sha2::Sha256::new(),
+            count: 0,
+        }
+    }
+
+    pub fn finish(self) -> (W, Sha256, u64) {
+        (
+            self.inner,
+            Sha256(self.hasher.finalize().into()),
+            self.count,
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Encoder<W: Write> {
+    None(W),
+    Xz(xz2::write::XzEncoder<W>),
+    Bzip2(bzip2::write::BzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(
+        w: W,
+        compression: Compression,
+        level: Option<i32>,
+        threads: u32,
+        size_hint: u64,
+    ) -> io::Result<Self> {
+        Ok(match compression {
+            Compression::None => Self::None(w),
+            Compression::Xz => {
+                let preset = level.unwrap_or(6) as u32;
+                if threads > 1 {
+                    let stream = xz2::stream::MtStreamBuilder::new()
+                        .threads(threads)
+                        .preset(preset)
+                        .check(xz2::stream::Check::Crc64)
+                        .encoder()
+                        .map_err(io::Error::other)?;
+                    Self::Xz(xz2::write::XzEncoder::new_stream(w, stream))
+                } else {
+                    Self::Xz(xz2::write::XzEncoder::new(w, preset))
+                }
+            }
+            Compression::Bzip2 => Self::Bzip2(bzip2::write::BzEncoder::new(
+                w,
+                bzip2::Compression::new(level.unwrap_or(9) as u32),
+            )),
+            Compression::Zstd => {
+                let mut e = zstd::stream::write::Encoder::new(w, level.unwrap_or(3))?;
+                if threads > 1 {
+                    e.multithread(threads)?;
+                }
+                // Knowing the size lets zstd pick a window to fit small NARs.
+                if size_hint > 0 {
+                    e.set_pledged_src_size(Some(size_hint))?;
+                }
+                e.include_contentsize(false)?;
+                Self::Zstd(e)
+            }
+        })
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Self::None(w) => Ok(w),
+            Self::Xz(e) => e.finish(),
+            Self::Bzip2(e) => e.finish(),
+            Self::Zstd(e) => e.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::None(w) => w.write(buf),
+            Self::Xz(e) => e.write(buf),
+            Self::Bzip2(e) => e.write(buf),
+            Self::Zstd(e) => e.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::None(w) => w.flush(),
+            Self::Xz(e) => e.flush(),
+            Self::Bzip2(e) => e.flush(),
+            Self::Zstd(e) => e.flush(),
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! Publishing a set of store paths and their closure to a cache: which paths, in which order,
+//! how many at once. Shared by `nixpush push` and (later) the daemon; it knows nothing of where
+//! the request came from.
+//!
+//! The rules, as Nix's own `BinaryCacheStore` keeps them, so that a reader never sees a narinfo
+//! whose NAR or references are missing:
+//! 1. `nix-cache-info` exists (written if absent), and its StoreDir is ours.
+//! 2. Paths whose narinfo is already in the cache are skipped, decided for the whole closure
+//!    before any upload (unless forced).
+//! 3. A path's NAR is uploaded before its narinfo, and its narinfo only after the narinfos of all
+//!    its references. NARs of many paths are compressed and uploaded at once (bounded by
+//!    `jobs`); a narinfo waits only for its own references.
+//! 4. The NarHash and NarSize we computed must equal what Nix's database says, or the path is
+//!    refused (the store is corrupt) and nothing of it becomes visible.
+//! 5. Narinfos are created only if absent: when two builders push the same path, the first one
+//!    wins and the second does not rewrite it. `force` overwrites.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt as _, Shared};
+use futures::StreamExt as _;
+use nixpush_backends::{
+    Backend, BackendError, BackendExt as _, Body, ErrorKind, PutMode, PutOptions,
+};
+use tokio::sync::Semaphore;
+use tracing::{debug, info_span, warn, Instrument as _};
+
+use crate::formats::signing::{self, SecretKey};
+use crate::formats::{cache_info, cache_info::CacheInfo, NarInfo, StorePath};
+use crate::pipeline::{self, CompressOptions};
+use crate::store::{PathInfo, Store, StoreError};
+
+/// Existence checks in flight at once, for deciding what the cache already has.
+const EXISTS_CONCURRENCY: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub compress: CompressOptions,
+    /// Paths compressed and uploaded at once.
+    pub jobs: usize,
+    /// Re-upload and rewrite narinfos that already exist.
+    pub force: bool,
+    /// Keys to sign with; empty publishes unsigned narinfos.
+    pub keys: Vec<SecretKey>,
+    /// Skip paths that carry a signature by one of these key names (they are available upstream).
+    pub skip_signed_by: Vec<String>,
+}
+
+/// What happened, for progress displays.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Planned {
+        closure: usize,
+        present: usize,
+        upstream: usize,
+        to_push: usize,
+        nar_bytes: u64,
+    },
+    Published {
+        path: StorePath,
+        nar_size: u64,
+        file_size: u64,
+    },
+    /// Another writer published the narinfo first; ours was not written.
+    AlreadyPublished {
+        path: StorePath,
+        nar_size: u64,
+    },
+    Failed {
+        path: StorePath,
+        error: String,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub closure: usize,
+    pub present: usize,
+    pub upstream: usize,
+    pub published: usize,
+    pub raced: usize,
+    pub nar_bytes: u64,
+    pub file_bytes: u64,
+    pub failed: Vec<(StorePath, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cache {cache}: {source}")]
+    Backend {
+        cache: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("cache {cache} has an unreadable nix-cache-info: {message}")]
+    CacheInfo { cache: String, message: String },
+    #[error("cache {cache} is for store {theirs:?}, but this store is {ours:?}")]
+    StoreDirMismatch {
+        cache: String,
+        theirs: String,
+        ours: String,
+    },
+}
+
+/// Why one path could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(
+        "store corruption: the NAR of {path} hashes to {ours} ({our_size} bytes), \
+         but Nix's database says {theirs} ({their_size} bytes); run `nix-store --verify --check-contents`"
+    )]
+    HashMismatch {
+        path: String,
+        ours: String,
+        our_size: u64,
+        theirs: String,
+        their_size: u64,
+    },
+    #[error("not published because its reference {0} failed")]
+    Reference(StorePath),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+pub struct Pusher {
+    store: Store,
+    backend: Arc<dyn Backend>,
+    opts: PushOptions,
+}
+
+type PathFuture = Shared<BoxFuture<'static, Result<Outcome, Arc<PathError>>>>;
+
+impl Pusher {
+    pub fn new(store: Store, backend: Arc<dyn Backend>, opts: PushOptions) -> Self {
+        Self {
+            store,
+            backend,
+            opts,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn backend_err(&self, source: BackendError) -> PushError {
+        PushError::Backend {
+            cache: self.backend.describe(),
+            source,
+        }
+    }
+
+    /// Write `nix-cache-info` if absent; refuse a cache for another store directory.
+    pub async fn ensure_cache_info(&self) -> Result<(), PushError> {
+        let ours = self.store.store_dir().as_str();
+        for _ in 0..2 {
+            match self
+                .backend
+                .get_optional(cache_info::FILE_NAME, 64 << 10)
+                .await
+                .map_err(|e| self.backend_err(e))?
+            {
+                Some(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let info = CacheInfo::parse(&text).map_err(|e| PushError::CacheInfo {
+                        cache: self.backend.describe(),
+                        message: e.to_string(),
+                    })?;
+                    if info.store_dir != ours {
+                        return Err(PushError::StoreDirMismatch {
+                            cache: self.backend.describe(),
+                            theirs: info.store_dir,
+                            ours: ours.to_owned(),
+                        });
+                    }
+                    return Ok(());
+                }
+                None => {
+                    let body = Body::Bytes(Bytes::from(CacheInfo::new(ours).render()));
+                    let opts = PutOptions {
+                        mode: PutMode::Create,
+                        content_type: "text/x-nix-cache-info",
+                    };
+                    match self.backend.put(cache_info::FILE_NAME, body, opts).await {
+                        Ok(()) => return Ok(()),
+                        // Someone else wrote it meanwhile: read and check theirs.
+                        Err(e) if e.kind == ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(self.backend_err(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The paths to push for `roots`: the roots themselves (all must be valid) and, for each
+    /// derivation, those of its outputs that are built.
+    pub async fn expand_roots(&self, roots: &[StorePath]) -> Result<Vec<StorePath>, PushError> {
+        let invalid = self.store.invalid_paths(roots).await?;
+        if !invalid.is_empty() {
+            let sd = self.store.store_dir();
+            return Err(
+                StoreError::Invalid(invalid.iter().map(|p| sd.display(p)).collect()).into(),
+            );
+        }
+        let drvs: Vec<StorePath> = roots
+            .iter()
+            .filter(|p| p.is_derivation())
+            .cloned()
+            .collect();
+        let mut all: Vec<StorePath> = roots.to_vec();
+        if !drvs.is_empty() {
+            let outputs = self.store.derivation_outputs(&drvs).await?;
+            let unbuilt: HashSet<StorePath> = self
+                .store
+                .invalid_paths(&outputs)
+                .await?
+                .into_iter()
+                .collect();
+            for out in outputs {
+                if unbuilt.contains(&out) {
+                    warn!(path = %out, "derivation output is not built; not pushing it");
+                } else {
+                    all.push(out);
+                }
+            }
+        }
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    /// Publish the closure of `roots`.
+    pub async fn push(&self, roots: &[StorePath], events: EventSink) -> Result<Summary, PushError> {
+        self.ensure_cache_info().await?;
+        let roots = self.expand_roots(roots).await?;
+        let closure = self.store.closure(&roots).await?;
+        let mut summary = Summary {
+            closure: closure.len(),
+            ..Summary::default()
+        };
+
+        let upstream: HashSet<StorePath> = closure
+            .values()
+            .filter(|i| {
+                i.sigs.iter().any(|s| {
+                    signing::signature_key_name(s)
+                        .is_some_and(|n| self.opts.skip_signed_by.iter().any(|k| k == n))
+                })
+            })
+            .map(|i| i.path.clone())
+            .collect();
+        summary.upstream = upstream.len();
+
+        let candidates: Vec<&PathInfo> = closure
+            .values()
+            .filter(|i| !upstream.contains(&i.path))
+            .collect();
+        let present = if self.opts.force {
+            HashSet::new()
+        } else {
+            self.present(&candidates).await?
+        };
+        summary.present = present.len();
+        let to_push: BTreeMap<StorePath, PathInfo> = candidates
+            .into_iter()
+            .filter(|i| !present.contains(&i.path))
+            .map(|i| (i.path.clone(), i.clone()))
+            .collect();
+        events(&Event::Planned {
+            closure: summary.closure,
+            present: summary.present,
+            upstream: summary.upstream,
+            to_push: to_push.len(),
+            nar_bytes: to_push.values().map(|i| i.nar_size).sum(),
+        });
+
+        let results = self.publish_all(to_push, events).await;
+        for (path, nar_size, outcome) in results {
+            match outcome {
+                Ok(Outcome::Published { file_size }) => {
+                    summary.published += 1;
+                    summary.nar_bytes += nar_size;
+                    summary.file_bytes += file_size;
+                }
+                Ok(Outcome::Raced) => summary.raced += 1,
+                Err(e) => summary.failed.push((path, e.to_string())),
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Which of `paths` already have a narinfo in the cache.
+    async fn present(&self, paths: &[&PathInfo]) -> Result<HashSet<StorePath>, PushError> {
+        let checks = futures::stream::iter(paths.iter().map(|i| {
+            let key = narinfo_key(&i.path);
+            async move { (i.path.clone(), self.backend.exists(&key).await) }
+        }))
+        .buffer_unordered(EXISTS_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        let mut present = HashSet::new();
+        for (path, r) in checks {
+            if r.map_err(|e| self.backend_err(e))? {
+                present.insert(path);
+            }
+        }
+        Ok(present)
+    }
+
+    async fn publish_all(
+        &self,
+        to_push: BTreeMap<StorePath, PathInfo>,
+        events: EventSink,
+    ) -> Vec<(StorePath, u64, Result<Outcome, Arc<PathError>>)> {
+        let order = topological(&to_push);
+        let ctx = Arc::new(Ctx {
+            store_dir_real: PathBuf::from(self.store.store_dir().as_str()),
+            store: self.store.clone(),
+            backend: self.backend.clone(),
+            opts: self.opts.clone(),
+            nar_slots: Semaphore::new(self.opts.jobs.max(1)),
+            events,
+        });
+        // Futures are built references-first, so every dependency's future exists already;
+        // the semaphore is FIFO, so references also start compressing first.
+        let mut futs: HashMap<StorePath, PathFuture> = HashMap::new();
+        let mut handles = Vec::with_capacity(order.len());
+        for path in order {
+            let info = to_push[&path].clone();
+            let deps: Vec<(StorePath, PathFuture)> = info
+                .references
+                .iter()
+                .filter(|r| **r != info.path)
+                .filter_map(|r| futs.get(r).map(|f| (r.clone(), f.clone())))
+                .collect();
+            let ctx = ctx.clone();
+            let span = info_span!("path", path = %info.path);
+            let nar_size = info.nar_size;
+            let fut = async move {
+                publish_one(&ctx, &info, deps).await.map_err(|e| {
+                    (ctx.events)(&Event::Failed {
+                        path: info.path.clone(),
+                        error: e.to_string(),
+                    });
+                    Arc::new(e)
+                })
+            }
+            .instrument(span)
+            .boxed()
+            .shared();
+            handles.push((path.clone(), nar_size, tokio::spawn(fut.clone())));
+            futs.insert(path, fut);
+        }
+        let mut results = Vec::with_capacity(handles.len());
+        for (path, nar_size, handle) in handles {
+            let r = handle
+                .await
+                .unwrap_or_else(|join| Err(Arc::new(PathError::Internal(join.to_string()))));
+            results.push((path, nar_size, r));
+        }
+        results
+    }
+}
+
+struct Ctx {
+    store_dir_real: PathBuf,
+    store: Store,
+    backend: Arc<dyn Backend>,
+    opts: PushOptions,
+    nar_slots: Semaphore,
+    events: EventSink,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Published { file_size: u64 },
+    Raced,
+}
+
+pub fn narinfo_key(path: &StorePath) -> String {
+    format!("{}.narinfo", path.hash_part())
+}
+
+async fn publish_one(
+    ctx: &Ctx,
+    info: &PathInfo,
+    deps: Vec<(StorePath, PathFuture)>,
+) -> Result<Outcome, PathError> {
+    let sd = ctx.store.store_dir();
+    let full = sd.display(&info.path);
+
+    // 1. The NAR, under a bounded number of slots.
+    let (nar_key, staged_meta) = {
+        let _slot = ctx
+            .nar_slots
+            .acquire()
+            .await
+            .map_err(|e| PathError::Internal(e.to_string()))?;
+        let source = ctx.store_dir_real.join(info.path.base_name());
+        let staging = ctx.backend.staging_dir().map(ToOwned::to_owned);
+        let compress = ctx.opts.compress;
+        let size = info.nar_size;
+        let staged = tokio::task::spawn_blocking(move || {
+            pipeline::stage(&source, staging.as_deref(), compress, size)
+        })
+        .await
+        .map_err(|e| PathError::Internal(e.to_string()))??;
+        if staged.nar_hash != info.nar_hash || staged.nar_size != info.nar_size {
+            return Err(PathError::HashMismatch {
+                path: full,
+                ours: staged.nar_hash.to_nix_string(),
+                our_size: staged.nar_size,
+                theirs: info.nar_hash.to_nix_string(),
+                their_size: info.nar_size,
+            });
+        }
+        let key = format!(
+            "nar/{}{}",
+            staged.file_hash.to_nixbase32(),
+            compress.compression.nar_extension()
+        );
+        let meta = (staged.file_hash, staged.file_size);
+        debug!(key, file_size = staged.file_size, "uploading NAR");
+        ctx.backend
+            .put(
+                &key,
+                Body::File(staged.file),
+                PutOptions {
+                    mode: PutMode::Overwrite,
+                    content_type: "application/x-nix-nar",
+                },
+            )
+            .await?;
+        (key, meta)
+    };
+
+    // 2. Wait for the references' narinfos.
+    for (r, dep) in deps {
+        dep.await.map_err(|_| PathError::Reference(r))?;
+    }
+
+    // 3. The signed narinfo.
+    let references_full: Vec<String> = info.references.iter().map(|r| sd.display(r)).collect();
+    let fingerprint = signing::fingerprint(&full, &info.nar_hash, info.nar_size, &references_full);
+    let mut sigs = info.sigs.clone();
+    for key in &ctx.opts.keys {
+        let sig = key.sign(&fingerprint);
+        if !sigs.contains(&sig) {
+            sigs.push(sig);
+        }
+    }
+    let narinfo = NarInfo {
+        store_path: full,
+        url: nar_key,
+        compression: ctx.opts.compress.compression.name().to_owned(),
+        file_hash: Some(staged_meta.0),
+        file_size: Some(staged_meta.1),
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info
+            .references
+            .iter()
+            .map(|r| r.base_name().to_owned())
+            .collect(),
+        deriver: info.deriver.as_ref().map(|d| d.base_name().to_owned()),
+        sigs,
+        ca: info.ca.clone(),
+        unknown: Vec::new(),
+    };
+    let mode = if ctx.opts.force {
+        PutMode::Overwrite
+    } else {
+        PutMode::Create
+    };
+    let put = ctx
+        .backend
+        .put(
+            &narinfo_key(&info.path),
+            Body::Bytes(narinfo.render().into()),
+            PutOptions {
+                mode,
+                content_type: "text/x-nix-narinfo",
+            },
+        )
+        .await;
+    match put {
+        Ok(()) => {
+            (ctx.events)(&Event::Published {
+                path: info.path.clone(),
+                nar_size: info.nar_size,
+                file_size: staged_meta.1,
+            });
+            Ok(Outcome::Published {
+                file_size: staged_meta.1,
+            })
+        }
+        Err(e) if e.kind == ErrorKind::AlreadyExists => {
+            debug!("narinfo already published by another writer");
+            (ctx.events)(&Event::AlreadyPublished {
+                path: info.path.clone(),
+                nar_size: info.nar_size,
+            });
+            Ok(Outcome::Raced)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `paths` ordered so that every path comes after its references (within the set).
+fn topological(paths: &BTreeMap<StorePath, PathInfo>) -> Vec<StorePath> {
+    let mut indegree: HashMap<&StorePath, usize> = HashMap::new();
+    let mut referrers: HashMap<&StorePath, Vec<&StorePath>> = HashMap::new();
+    for (p, info) in paths {
+        let deps = info
+            .references
+            .iter()
+            .filter(|r| *r != p && paths.contains_key(*r));
+        let mut n = 0;
+        for r in deps {
+            referrers.entry(r).or_default().push(p);
+            n += 1;
+        }
+        indegree.insert(p, n);
+    }
+    let mut ready: Vec<&StorePath> = indegree
+        .iter()
+        .filter(|(_, &n)| n == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    ready.sort();
+    let mut order = Vec::with_capacity(paths.len());
+    while let Some(p) = ready.pop() {
+        order.push(p.clone());
+        for &q in referrers.get(p).map(Vec::as_slice).unwrap_or(&[]) {
+            let n = indegree.get_mut(q).expect("known");
+            *n -= 1;
+            if *n == 0 {
+                ready.push(q);
+            }
+        }
+    }
+    // Nix store closures are acyclic; should one not be, publish the rest in any order rather
+    // than lose it (its narinfos then wait on nothing that cannot come).
+    if order.len() < paths.len() {
+        let placed: HashSet<StorePath> = order.iter().cloned().collect();
+        order.extend(paths.keys().filter(|p| !placed.contains(*p)).cloned());
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::Sha256;
+
+    fn sp(name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("{}-{name}", "0".repeat(31) + &name[..1])).unwrap()
+    }
+
+    #[test]
+    fn references_come_first() {
+        let mk = |p: &StorePath, refs: &[&StorePath]| PathInfo {
+            path: p.clone(),
+            nar_hash: Sha256([0; 32]),
+            nar_size: 1,
+            references: refs.iter().map(|r| (*r).clone()).collect(),
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        let (a, b, c, d) = (sp("a"), sp("b"), sp("c"), sp("d"));
+        let m: BTreeMap<_, _> = [
+            (a.clone(), mk(&a, &[&b, &c, &a])),
+            (b.clone(), mk(&b, &[&c])),
+            (c.clone(), mk(&c, &[])),
+            (d.clone(), mk(&d, &[&a])),
+        ]
+        .into_iter()
+        .collect();
+        let order = topological(&m);
+        let pos = |p: &StorePath| order.iter().position(|x| x == p).unwrap();
+        assert_eq!(order.len(), 4);
+        assert!(pos(&c) < pos(&b) && pos(&b) < pos(&a) && pos(&a) < pos(&d));
+    }
+}
