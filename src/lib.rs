@@ -7,7 +7,13 @@
 //! - [`push`]: which paths to publish, in which order, how many at once.
 //! - the `nixpush-backends` crate: where the objects go.
 
+pub mod address;
+pub mod config;
+pub mod daemon;
 pub mod formats;
 pub mod pipeline;
+pub mod protocol;
 pub mod push;
+pub mod queue;
 pub mod store;
+pub mod systemd;

@@ -8,7 +8,6 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_tracing(args.verbose);
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info_span, warn, Instrument as _};
 
 use crate::formats::signing::{self, SecretKey};
-use crate::formats::{cache_info, cache_info::CacheInfo, NarInfo, StorePath};
+use crate::formats::{cache_info, cache_info::CacheInfo, nar, NarInfo, StorePath};
 use crate::pipeline::{self, CompressOptions};
 use crate::store::{PathInfo, Store, StoreError};
 
@@ -84,7 +84,8 @@ pub struct Summary {
     pub raced: usize,
     pub nar_bytes: u64,
     pub file_bytes: u64,
-    pub failed: Vec<(StorePath, String)>,
+    /// Paths that failed, with the error and whether retrying may help.
+    pub failed: Vec<(StorePath, String, bool)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,10 +126,55 @@ pub enum PathError {
         theirs: String,
         their_size: u64,
     },
-    #[error("not published because its reference {0} failed")]
-    Reference(StorePath),
+    #[error("not published because its reference {path} failed")]
+    Reference { path: StorePath, transient: bool },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl PushError {
+    /// Whether retrying later may succeed: the cache or Nix was unreachable, not the request
+    /// wrong.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PushError::Store(StoreError::Invalid(_) | StoreError::Parse { .. }) => false,
+            PushError::Store(_) => true,
+            PushError::Backend { source, .. } => is_transient_backend(source),
+            PushError::CacheInfo { .. } | PushError::StoreDirMismatch { .. } => false,
+        }
+    }
+}
+
+impl PathError {
+    /// Whether retrying later may succeed. A path whose NAR cannot be read or does not match
+    /// Nix's database will not get better by waiting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PathError::Pipeline(e) => match e {
+                // The path vanished (garbage-collected) or changed under us: final.
+                pipeline::PipelineError::Dump(nar::DumpError::Io { source, .. }) => !matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::InvalidData
+                        | std::io::ErrorKind::UnexpectedEof
+                ),
+                pipeline::PipelineError::Dump(nar::DumpError::Sink(_))
+                | pipeline::PipelineError::Staging { .. } => true,
+                pipeline::PipelineError::Dump(nar::DumpError::UnsupportedType(_))
+                | pipeline::PipelineError::Level { .. } => false,
+            },
+            PathError::HashMismatch { .. } => false,
+            PathError::Backend(e) => is_transient_backend(e),
+            PathError::Reference { transient, .. } => *transient,
+            PathError::Internal(_) => true,
+        }
+    }
+}
+
+/// Only a request the backend refused for what it is (a bad key, a bad setting) is final;
+/// everything else (outages, throttling, permissions being fixed, full disks) is retried.
+fn is_transient_backend(e: &BackendError) -> bool {
+    !matches!(e.kind, ErrorKind::Config)
 }
 
 pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -152,6 +198,10 @@ impl Pusher {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn backend_description(&self) -> String {
+        self.backend.describe()
     }
 
     fn backend_err(&self, source: BackendError) -> PushError {
@@ -241,11 +291,10 @@ impl Pusher {
         Ok(all)
     }
 
-    /// Publish the closure of `roots`.
+    /// Publish the closure of `roots` (valid store paths; see [`Pusher::expand_roots`]).
     pub async fn push(&self, roots: &[StorePath], events: EventSink) -> Result<Summary, PushError> {
         self.ensure_cache_info().await?;
-        let roots = self.expand_roots(roots).await?;
-        let closure = self.store.closure(&roots).await?;
+        let closure = self.store.closure(roots).await?;
         let mut summary = Summary {
             closure: closure.len(),
             ..Summary::default()
@@ -295,7 +344,7 @@ impl Pusher {
                     summary.file_bytes += file_size;
                 }
                 Ok(Outcome::Raced) => summary.raced += 1,
-                Err(e) => summary.failed.push((path, e.to_string())),
+                Err(e) => summary.failed.push((path, e.to_string(), e.is_transient())),
             }
         }
         Ok(summary)
@@ -303,9 +352,13 @@ impl Pusher {
 
     /// Which of `paths` already have a narinfo in the cache.
     async fn present(&self, paths: &[&PathInfo]) -> Result<HashSet<StorePath>, PushError> {
-        let checks = futures::stream::iter(paths.iter().map(|i| {
-            let key = narinfo_key(&i.path);
-            async move { (i.path.clone(), self.backend.exists(&key).await) }
+        let owned: Vec<StorePath> = paths.iter().map(|i| i.path.clone()).collect();
+        let checks = futures::stream::iter(owned.into_iter().map(|path| {
+            let backend = self.backend.clone();
+            async move {
+                let r = backend.exists(&narinfo_key(&path)).await;
+                (path, r)
+            }
         }))
         .buffer_unordered(EXISTS_CONCURRENCY)
         .collect::<Vec<_>>()
@@ -448,7 +501,10 @@ async fn publish_one(
 
     // 2. Wait for the references' narinfos.
     for (r, dep) in deps {
-        dep.await.map_err(|_| PathError::Reference(r))?;
+        dep.await.map_err(|e| PathError::Reference {
+            path: r,
+            transient: e.is_transient(),
+        })?;
     }
 
     // 3. The signed narinfo.

@@ -1,12 +1,18 @@
 //! Command-line interface: thin glue from arguments to the library.
 
+mod daemon;
+mod hook;
 mod keygen;
 mod progress;
 mod push;
+mod status;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use nixpush::formats::signing::SecretKey;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,31 +34,78 @@ enum Command {
     Push(push::PushArgs),
     /// Make a signing key pair, as `nix-store --generate-binary-cache-key` does.
     Keygen(keygen::KeygenArgs),
+    /// Run the publishing daemon (the systemd service).
+    Daemon(daemon::DaemonArgs),
+    /// Nix's post-build-hook: hand the finished build to the daemon. Never fails the build.
+    Hook(hook::HookArgs),
+    /// Ask the daemon how it is doing.
+    Status(status::StatusArgs),
 }
 
-pub fn init_tracing(verbose: u8) {
+/// The configuration file named on the command line or in the environment, else the default.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file [default: /etc/nixpush/config.toml].
+    #[arg(long, env = "NIXPUSH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The path, and whether the user named it (then it must exist).
+    pub fn path(&self) -> (PathBuf, bool) {
+        match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(nixpush::config::DEFAULT_PATH), false),
+        }
+    }
+}
+
+pub fn init_tracing(verbose: u8, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn",
+    let directive = match verbose {
+        0 => default,
         1 => "info",
         _ => "debug",
     };
-    let filter = EnvFilter::try_from_env("NIXPUSH_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let filter =
+        EnvFilter::try_from_env("NIXPUSH_LOG").unwrap_or_else(|_| EnvFilter::new(directive));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // journald stamps every line itself.
+    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    SecretKey::parse(&text)
+        .with_context(|| format!("key file {} is not a secret key", path.display()))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Keygen(args) => keygen::run(args),
-        Command::Push(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(push::run(args))
+        Command::Hook(args) => Ok(hook::run(args)),
+        Command::Status(args) => status::run(args),
+        Command::Keygen(args) => {
+            init_tracing(cli.verbose, "warn");
+            keygen::run(args)
         }
+        Command::Push(args) => {
+            init_tracing(cli.verbose, "warn");
+            runtime()?.block_on(push::run(args))
+        }
+        Command::Daemon(args) => daemon::run(args, cli.verbose),
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use indicatif::HumanBytes;
-use nixpush::formats::signing::SecretKey;
+use nixpush::address::Address;
 use nixpush::formats::{Compression, StoreDir, StorePath};
 use nixpush::pipeline::{self, CompressOptions};
 use nixpush::push::{PushOptions, Pusher};
@@ -52,60 +52,6 @@ pub struct PushArgs {
     paths: Vec<String>,
 }
 
-/// Store-level settings a Nix user may put in the address, as for `nix copy --to`.
-struct AddressParams {
-    backend_addr: String,
-    compression: Option<Compression>,
-    secret_key: Option<PathBuf>,
-    parallel: Option<bool>,
-}
-
-fn split_address(addr: &str) -> anyhow::Result<AddressParams> {
-    let (base, query) = addr.split_once('?').unwrap_or((addr, ""));
-    let mut out = AddressParams {
-        backend_addr: base.to_owned(),
-        compression: None,
-        secret_key: None,
-        parallel: None,
-    };
-    let mut rest = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match &*k {
-            "compression" => {
-                out.compression = Some(
-                    v.parse()
-                        .with_context(|| format!("in cache address {addr:?}"))?,
-                )
-            }
-            "secret-key" => out.secret_key = Some(PathBuf::from(&*v)),
-            "parallel-compression" => {
-                out.parallel = Some(match &*v {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => {
-                        bail!("cache address {addr:?}: parallel-compression must be true or false")
-                    }
-                })
-            }
-            _ => {
-                rest.append_pair(&k, &v);
-            }
-        }
-    }
-    let rest = rest.finish();
-    if !rest.is_empty() {
-        out.backend_addr = format!("{base}?{rest}");
-    }
-    Ok(out)
-}
-
-fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read key file {}", path.display()))?;
-    SecretKey::parse(&text)
-        .with_context(|| format!("key file {} is not a secret key", path.display()))
-}
-
 /// Lexically clean an absolute path: drop `.`, apply `..`.
 fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::from("/");
@@ -148,7 +94,7 @@ fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
 
 pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let addr = split_address(&args.to)?;
+    let addr = Address::parse(&args.to)?;
     let compression = match (args.compression, addr.compression) {
         (Some(a), Some(b)) if a != b => {
             bail!("--compression {a} contradicts compression={b} in the cache address")
@@ -161,7 +107,7 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     key_files.extend(addr.secret_key.clone());
     let keys = key_files
         .iter()
-        .map(|f| read_key(f))
+        .map(|f| super::read_key(f))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if keys.is_empty() && !args.no_sign {
         bail!("no signing key: give --key-file FILE (or NIXPUSH_KEY_FILE), or --no-sign to publish unsigned paths on purpose");
@@ -186,9 +132,9 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     }
     let roots: Vec<StorePath> = roots.into_iter().collect();
 
-    let backend = nixpush_backends::open(&addr.backend_addr).await?;
+    let backend = nixpush_backends::open(&addr.backend).await?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = match addr.parallel {
+    let threads = match addr.parallel_compression {
         Some(false) => 1,
         _ => cpus as u32,
     };
@@ -205,6 +151,7 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     };
     let progress = Progress::new(sd.clone());
     let pusher = Pusher::new(store, backend.clone(), opts);
+    let roots = pusher.expand_roots(&roots).await?;
     let summary = pusher.push(&roots, progress.sink()).await;
     progress.finish();
     let s = summary?;
@@ -237,7 +184,7 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     if s.failed.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        for (p, e) in &s.failed {
+        for (p, e, _) in &s.failed {
             eprintln!("nixpush: error: {}: {e}", sd.display(p));
         }
         Ok(ExitCode::FAILURE)
@@ -247,19 +194,6 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn address_params() {
-        let a =
-            split_address("file:///tmp/c?compression=xz&secret-key=/k&parallel-compression=true")
-                .unwrap();
-        assert_eq!(a.backend_addr, "file:///tmp/c");
-        assert_eq!(a.compression, Some(Compression::Xz));
-        assert_eq!(a.secret_key.as_deref(), Some(Path::new("/k")));
-        let b = split_address("file:///tmp/c?bogus=1").unwrap();
-        assert_eq!(b.backend_addr, "file:///tmp/c?bogus=1");
-        assert!(split_address("file:///c?compression=lz9").is_err());
-    }
 
     #[test]
     fn normalizes() {

@@ -1,0 +1,95 @@
+//! Cache addresses in Nix's syntax, as for `nix copy --to`: a backend address plus the store
+//! parameters a Nix user already knows, which apply to any backend. The backend's own
+//! parameters stay in the address handed to `nixpush_backends::open`, which refuses unknown ones.
+//!
+//! | parameter              | meaning                                          |
+//! |------------------------|--------------------------------------------------|
+//! | `compression`          | none, xz, bzip2 or zstd                          |
+//! | `secret-key`           | a secret key file to sign with                   |
+//! | `parallel-compression` | `true`/`false`: several threads for one large NAR |
+
+use std::path::PathBuf;
+
+use crate::formats::compression::UnknownCompression;
+use crate::formats::Compression;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// What the backend sees: scheme, location and its own parameters.
+    pub backend: String,
+    pub compression: Option<Compression>,
+    pub secret_key: Option<PathBuf>,
+    pub parallel_compression: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("cache address {addr:?}: {source}")]
+    Compression {
+        addr: String,
+        #[source]
+        source: UnknownCompression,
+    },
+    #[error("cache address {0:?}: parallel-compression must be true or false")]
+    Parallel(String),
+}
+
+impl Address {
+    pub fn parse(addr: &str) -> Result<Self, AddressError> {
+        let (base, query) = addr.split_once('?').unwrap_or((addr, ""));
+        let mut out = Address {
+            backend: base.to_owned(),
+            compression: None,
+            secret_key: None,
+            parallel_compression: None,
+        };
+        let mut rest = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "compression" => {
+                    out.compression =
+                        Some(v.parse().map_err(|source| AddressError::Compression {
+                            addr: addr.to_owned(),
+                            source,
+                        })?)
+                }
+                "secret-key" => out.secret_key = Some(PathBuf::from(&*v)),
+                "parallel-compression" => {
+                    out.parallel_compression = Some(match &*v {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(AddressError::Parallel(addr.to_owned())),
+                    })
+                }
+                _ => {
+                    rest.append_pair(&k, &v);
+                }
+            }
+        }
+        let rest = rest.finish();
+        if !rest.is_empty() {
+            out.backend = format!("{base}?{rest}");
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_store_and_backend_parameters() {
+        let a =
+            Address::parse("file:///tmp/c?compression=xz&secret-key=/k&parallel-compression=true")
+                .unwrap();
+        assert_eq!(a.backend, "file:///tmp/c");
+        assert_eq!(a.compression, Some(Compression::Xz));
+        assert_eq!(a.secret_key, Some(PathBuf::from("/k")));
+        assert_eq!(a.parallel_compression, Some(true));
+        let b = Address::parse("file:///tmp/c?bogus=1").unwrap();
+        assert_eq!(b.backend, "file:///tmp/c?bogus=1");
+        assert!(Address::parse("file:///c?compression=lz9").is_err());
+        assert!(Address::parse("file:///c?parallel-compression=maybe").is_err());
+    }
+}

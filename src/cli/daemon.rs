@@ -1,0 +1,126 @@
+//! `nixpush daemon`: load the configuration, bind or inherit the socket, hand over to
+//! [`nixpush::daemon::run`].
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use nixpush::address::Address;
+use nixpush::config::Config;
+use nixpush::daemon::{self, Settings};
+use nixpush::pipeline::CompressOptions;
+use nixpush::push::{PushOptions, Pusher};
+use nixpush::store::Store;
+
+use super::ConfigArg;
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+pub fn run(args: DaemonArgs, verbose: u8) -> anyhow::Result<ExitCode> {
+    // Before any thread exists: this clears the LISTEN_* variables.
+    let inherited = nixpush::systemd::take_listen_fd()?;
+    let (path, explicit) = args.config.path();
+    let cfg = Config::load(&path, explicit)?;
+    super::init_tracing(verbose, &cfg.log_level);
+    super::runtime()?.block_on(serve(cfg, &path, inherited))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    cfg: Config,
+    config_path: &Path,
+    inherited: Option<std::os::fd::OwnedFd>,
+) -> anyhow::Result<()> {
+    let addr = Address::parse(&cfg.cache)?;
+    let mut key_files = cfg.resolved_key_files(config_path);
+    key_files.extend(addr.secret_key.clone());
+    let keys = key_files
+        .iter()
+        .map(|k| super::read_key(k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(c) = addr.compression {
+        if c != cfg.compression {
+            bail!(
+                "config: compression = {:?} contradicts compression={c} in the cache address",
+                cfg.compression.name()
+            );
+        }
+    }
+    let store = Store::open().await?;
+    let backend = nixpush_backends::open(&addr.backend).await?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let opts = PushOptions {
+        compress: CompressOptions {
+            compression: cfg.compression,
+            level: cfg.compression_level,
+            threads: if addr.parallel_compression == Some(false) {
+                1
+            } else {
+                cpus as u32
+            },
+        },
+        jobs: cfg.jobs.unwrap_or(cpus),
+        force: false,
+        keys,
+        skip_signed_by: cfg.skip_signed_by.clone(),
+    };
+    let listener = match inherited {
+        Some(fd) => {
+            let std_listener = std::os::unix::net::UnixListener::from(fd);
+            std_listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(std_listener)
+                .context("the socket passed by systemd is not a listening Unix socket")?
+        }
+        None => bind(&cfg.socket, cfg.socket_mode().map_err(anyhow::Error::msg)?)?,
+    };
+    let settings = Settings {
+        queue_dir: cfg.queue_dir.clone(),
+        rescan_interval: cfg.rescan_interval(),
+        batch_entries: cfg.daemon.batch_entries,
+        shutdown_grace: Duration::from_secs(cfg.daemon.shutdown_grace_secs),
+        retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
+    };
+    let pusher = Pusher::new(store, backend, opts);
+    daemon::run(pusher, settings, listener, shutdown_signal()).await
+}
+
+fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another daemon is already listening on {}", path.display());
+        }
+        // A socket left by a daemon that died.
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the default action (exit) still applies.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

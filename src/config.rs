@@ -1,0 +1,332 @@
+//! The daemon's and hook's configuration: one TOML file, `/etc/nixpush/config.toml` by default.
+//!
+//! Loading is one function, [`Config::load`]: read, deserialize with unknown keys refused, then
+//! validate. A typo in a key or a wrong type is an error naming the key and its line, never
+//! silently ignored. `config.example.toml` documents every key and is parsed by a test.
+//! Secrets are never in this file: signing keys are named by path (a relative path is looked up
+//! in systemd's `$CREDENTIALS_DIRECTORY`, so `LoadCredential=` works without absolute paths).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::formats::Compression;
+use crate::pipeline;
+
+pub const DEFAULT_PATH: &str = "/etc/nixpush/config.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Where to publish: a cache address as for `nix copy --to`.
+    #[serde(default = "defaults::cache")]
+    pub cache: String,
+    /// Secret key files to sign with.
+    #[serde(default)]
+    pub key_files: Vec<PathBuf>,
+    /// Publish unsigned narinfos when no key is given. Must be said explicitly.
+    #[serde(default)]
+    pub allow_unsigned: bool,
+    #[serde(default = "defaults::compression", deserialize_with = "de_compression")]
+    pub compression: Compression,
+    pub compression_level: Option<i32>,
+    /// Paths compressed and uploaded at once; default: the number of CPUs.
+    pub jobs: Option<usize>,
+    /// Skip paths signed by these key names: they are available upstream.
+    #[serde(default)]
+    pub skip_signed_by: Vec<String>,
+    #[serde(default = "defaults::socket")]
+    pub socket: PathBuf,
+    #[serde(default = "defaults::queue_dir")]
+    pub queue_dir: PathBuf,
+    /// A tracing EnvFilter directive, e.g. `info` or `nixpush=debug`.
+    #[serde(default = "defaults::log_level")]
+    pub log_level: String,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub hook: HookConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DaemonConfig {
+    /// Seconds between full rescans of the queue directory (the watcher only nudges).
+    #[serde(default = "defaults::rescan_secs")]
+    pub rescan_interval_secs: u64,
+    /// Queue entries published together in one batch.
+    #[serde(default = "defaults::batch_entries")]
+    pub batch_entries: usize,
+    /// On SIGTERM, how long in-flight uploads may take to finish.
+    #[serde(default = "defaults::grace_secs")]
+    pub shutdown_grace_secs: u64,
+    /// Longest wait between retries of a failing upload.
+    #[serde(default = "defaults::retry_max_secs")]
+    pub retry_max_delay_secs: u64,
+    /// Unix permissions of the socket: who may enqueue.
+    #[serde(default = "defaults::socket_mode")]
+    pub socket_mode: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HookConfig {
+    /// How long the hook waits for the daemon's acknowledgement before writing the queue
+    /// entry itself, in milliseconds.
+    #[serde(default = "defaults::hook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Exit non-zero (and so fail the build) when a request cannot be handed over at all.
+    #[serde(default)]
+    pub fail_build_on_error: bool,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+
+    use crate::formats::Compression;
+
+    pub fn cache() -> String {
+        "file:///var/cache/nixpush".into()
+    }
+    pub fn compression() -> Compression {
+        Compression::Zstd
+    }
+    pub fn socket() -> PathBuf {
+        "/run/nixpush/nixpush.sock".into()
+    }
+    pub fn queue_dir() -> PathBuf {
+        "/var/lib/nixpush/queue".into()
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+    pub fn rescan_secs() -> u64 {
+        30
+    }
+    pub fn batch_entries() -> usize {
+        64
+    }
+    pub fn grace_secs() -> u64 {
+        30
+    }
+    pub fn retry_max_secs() -> u64 {
+        300
+    }
+    pub fn socket_mode() -> String {
+        "0660".into()
+    }
+    pub fn hook_timeout_ms() -> u64 {
+        1000
+    }
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn de_compression<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Compression, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read and validate `path`. With `must_exist` false, a missing file means the defaults.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg = Self::parse_unchecked(path, text)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Read without the daemon's checks: for the hook and `status`, which need only the socket
+    /// and queue paths and must work whatever else the file says.
+    pub fn load_unchecked(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse_unchecked(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn parse_unchecked(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        pipeline::validate_level(self.compression, self.compression_level)
+            .map_err(|e| invalid("compression-level", e.to_string()))?;
+        if self.jobs == Some(0) {
+            return Err(invalid("jobs", "must be at least 1".into()));
+        }
+        if self.daemon.batch_entries == 0 {
+            return Err(invalid("daemon.batch-entries", "must be at least 1".into()));
+        }
+        if self.daemon.rescan_interval_secs == 0 {
+            return Err(invalid(
+                "daemon.rescan-interval-secs",
+                "must be at least 1".into(),
+            ));
+        }
+        self.socket_mode()
+            .map_err(|m| invalid("daemon.socket-mode", m))?;
+        if self.key_files.is_empty() && !self.allow_unsigned {
+            return Err(invalid(
+                "key-files",
+                "no signing key: name one, or set allow-unsigned = true to publish unsigned paths on purpose".into(),
+            ));
+        }
+        if !self.queue_dir.is_absolute() {
+            return Err(invalid("queue-dir", "must be an absolute path".into()));
+        }
+        if !self.socket.is_absolute() {
+            return Err(invalid("socket", "must be an absolute path".into()));
+        }
+        Ok(())
+    }
+
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        u32::from_str_radix(&self.daemon.socket_mode, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                format!(
+                    "{:?} is not an octal mode like \"0660\"",
+                    self.daemon.socket_mode
+                )
+            })
+    }
+
+    /// Key file paths, with relative ones resolved in `$CREDENTIALS_DIRECTORY` (systemd's
+    /// `LoadCredential=`), or else against the config file's directory.
+    pub fn resolved_key_files(&self, config_path: &Path) -> Vec<PathBuf> {
+        let base = std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(PathBuf::from)
+            .or_else(|| config_path.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        self.key_files
+            .iter()
+            .map(|k| {
+                if k.is_absolute() {
+                    k.clone()
+                } else {
+                    base.join(k)
+                }
+            })
+            .collect()
+    }
+
+    pub fn rescan_interval(&self) -> Duration {
+        Duration::from_secs(self.daemon.rescan_interval_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
+        let cfg = Config::load(p, true).unwrap();
+        assert_eq!(cfg.compression, Compression::Zstd);
+        assert!(!cfg.key_files.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\n\ncompresion = \"xz\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("compresion"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_values() {
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\njobs = \"two\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("jobs") && e.contains("line 2"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\ncompression = \"lz4\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lz4"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key-files"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\n[daemon]\nsocket-mode = \"999\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("socket-mode"), "{e}");
+    }
+}

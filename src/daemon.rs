@@ -1,0 +1,642 @@
+//! `nixpush daemon`: takes requests over a Unix socket, keeps them in the queue directory, and
+//! publishes them.
+//!
+//! ```text
+//! hook / status ─► socket ─► handler ─► queue dir (durable) ─► ack
+//!                                          ▲      │ nudge
+//!            files dropped in by hand ─────┘      ▼
+//!                      watcher (nudges) ─► worker: scan, batch, push, remove or reject
+//!                      timer (rescans)  ─┘        ▲ backoff on failure, forever
+//! ```
+//! [`run`] gets a bound listener and a shutdown future, as in mini-redis: `main` parses
+//! arguments, loads the configuration, binds or inherits the socket, and hands over.
+//!
+//! Guarantees: a request is acknowledged only once it is durable; an entry leaves the queue
+//! only after every path of its closure is published (or it can never be, then it goes to
+//! `rejected/` with the reason); transient failures are retried with capped exponential backoff
+//! and jitter, without limit; one batch is pushed at a time, so a path is never uploaded twice
+//! at once however many requests name it. SIGTERM stops accepting, gives in-flight uploads a
+//! grace period, and leaves anything unfinished queued. A `kill -9` at any moment loses
+//! nothing, because the queue directory is the truth and the cache is written NAR first,
+//! narinfo last.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tracing::{debug, error, info, info_span, warn, Instrument as _};
+
+use crate::formats::StorePath;
+use crate::protocol::{self, ErrorRecord, Request, Response, StatusReport};
+use crate::push::{Event, EventSink, PushError, Pusher, Summary};
+use crate::queue::{Entry, Item, Queue, Read};
+use crate::store::Store;
+
+const MAX_CONNECTIONS: usize = 128;
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+const LAST_ERRORS: usize = 20;
+const RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
+
+pub struct Settings {
+    pub queue_dir: std::path::PathBuf,
+    pub rescan_interval: Duration,
+    pub batch_entries: usize,
+    pub shutdown_grace: Duration,
+    pub retry_max_delay: Duration,
+}
+
+struct Shared {
+    pusher: Pusher,
+    queue: Queue,
+    settings: Settings,
+    nudge: Notify,
+    status: Mutex<StatusState>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct StatusState {
+    in_flight: usize,
+    published: u64,
+    failed: u64,
+    rejected: u64,
+    retrying: bool,
+    last_errors: VecDeque<ErrorRecord>,
+}
+
+impl Shared {
+    fn store(&self) -> &Store {
+        self.pusher.store()
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, StatusState> {
+        // A panic while holding the lock leaves counters that are still good enough to report.
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_error(&self, message: String) {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut st = self.status();
+        st.last_errors.push_front(ErrorRecord { at, message });
+        st.last_errors.truncate(LAST_ERRORS);
+    }
+}
+
+/// Run the daemon until `shutdown` completes, then wind down.
+pub async fn run(
+    pusher: Pusher,
+    settings: Settings,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let queue = Queue::open(&settings.queue_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open queue directory {}: {e}",
+            settings.queue_dir.display()
+        )
+    })?;
+    queue.clean_stale_temps(Duration::from_secs(3600));
+    let shared = Arc::new(Shared {
+        pusher,
+        queue,
+        settings,
+        nudge: Notify::new(),
+        status: Mutex::new(StatusState::default()),
+        started: Instant::now(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // The watcher only nudges; the worker's periodic rescan catches whatever it misses.
+    let _watcher = start_watcher(&shared);
+    let worker = tokio::spawn(worker(shared.clone(), stop_rx.clone()));
+    let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                crate::systemd::notify("WATCHDOG=1");
+            }
+        });
+    }
+
+    info!(
+        queue = %shared.queue.dir().display(),
+        cache = %shared.pusher.backend_description(),
+        "nixpush daemon started"
+    );
+    let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let Ok(permit) = conns.clone().acquire_owned().await else { break };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if tokio::time::timeout(CONNECTION_TIMEOUT, handle(shared, stream)).await.is_err() {
+                            debug!("client connection timed out");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    info!("shutting down: no new requests; letting in-flight uploads finish");
+    crate::systemd::notify("STOPPING=1");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    ready.abort();
+    let _ = worker.await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn announce_ready(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut delay = Backoff::new(shared.settings.retry_max_delay);
+    loop {
+        match shared.pusher.ensure_cache_info().await {
+            Ok(()) => {
+                crate::systemd::notify("READY=1");
+                info!("cache answered; ready");
+                return;
+            }
+            Err(e) => {
+                let d = delay.next();
+                warn!(error = %e, retry_in = ?d, "cache not reachable yet");
+                shared.record_error(format!("cache check: {e}"));
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+fn start_watcher(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let weak = Arc::downgrade(shared);
+    let handler = move |res: notify::Result<notify::Event>| {
+        // Runs on notify's thread: never panic here, just nudge.
+        if res.is_ok() {
+            if let Some(s) = weak.upgrade() {
+                s.nudge.notify_one();
+            }
+        }
+    };
+    match notify::recommended_watcher(handler).and_then(|mut w| {
+        w.watch(shared.queue.dir(), notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch the queue directory; relying on periodic rescans");
+            None
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, stream: UnixStream) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read).take(protocol::MAX_MESSAGE as u64 + 1);
+    let mut line = Vec::new();
+    let response = match reader.read_until(b'\n', &mut line).await {
+        Err(e) => Response::Error {
+            message: format!("cannot read request: {e}"),
+        },
+        Ok(_) if line.len() > protocol::MAX_MESSAGE => Response::Error {
+            message: format!("request larger than {} bytes", protocol::MAX_MESSAGE),
+        },
+        Ok(_) => {
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            match protocol::parse_request(&line) {
+                Err(message) => Response::Error { message },
+                Ok(Request::Status) => Response::Status(status_report(&shared).await),
+                Ok(Request::Enqueue { items }) => enqueue(&shared, &items).await,
+            }
+        }
+    };
+    if let Response::Error { message } = &response {
+        warn!(%message, "bad request on the socket");
+    }
+    let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+    let _ = write.shutdown().await;
+}
+
+async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
+    let sd = shared.store().store_dir().clone();
+    let mut items = Vec::with_capacity(raw.len());
+    for r in raw {
+        match Item::parse(&sd, r) {
+            Ok(i) => items.push(i),
+            Err(message) => return Response::Error { message },
+        }
+    }
+    if items.is_empty() {
+        return Response::Error {
+            message: "the request names no store path".into(),
+        };
+    }
+    let queue = shared.queue.clone();
+    let done = tokio::task::spawn_blocking(move || queue.enqueue(&sd, &items)).await;
+    match done {
+        Ok(Ok(entry)) => {
+            debug!(entry, "queued");
+            shared.nudge.notify_one();
+            Response::Queued { entry }
+        }
+        Ok(Err(e)) => Response::Error {
+            message: format!("cannot write to the queue: {e}"),
+        },
+        Err(e) => Response::Error {
+            message: format!("internal error: {e}"),
+        },
+    }
+}
+
+async fn status_report(shared: &Arc<Shared>) -> StatusReport {
+    let queue = shared.queue.clone();
+    let depth = tokio::task::spawn_blocking(move || queue.scan().map(|e| e.len()).unwrap_or(0))
+        .await
+        .unwrap_or(0);
+    let st = shared.status();
+    StatusReport {
+        cache: shared.pusher.backend_description(),
+        uptime_secs: shared.started.elapsed().as_secs(),
+        queue_depth: depth,
+        in_flight: st.in_flight,
+        published: st.published,
+        failed: st.failed,
+        rejected: st.rejected,
+        retrying: st.retrying,
+        last_errors: st.last_errors.iter().cloned().collect(),
+    }
+}
+
+/// What one pass over the queue achieved.
+#[derive(Debug, PartialEq, Eq)]
+enum Pass {
+    /// Nothing to do.
+    Idle,
+    /// Entries were finished or rejected; look again at once.
+    Progressed,
+    /// Something failed transiently; wait before trying again.
+    RetryLater,
+}
+
+async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(shared.settings.retry_max_delay);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let pass = process_pass(shared.clone());
+        tokio::pin!(pass);
+        let outcome = tokio::select! {
+            r = &mut pass => r,
+            _ = stop.changed() => {
+                match tokio::time::timeout(shared.settings.shutdown_grace, &mut pass).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        warn!("shutdown grace period over; unfinished requests stay queued");
+                        return;
+                    }
+                }
+            }
+        };
+        let wait = match outcome {
+            Pass::Progressed => {
+                backoff.reset();
+                shared.status().retrying = false;
+                continue;
+            }
+            Pass::Idle => {
+                backoff.reset();
+                shared.status().retrying = false;
+                shared.settings.rescan_interval
+            }
+            Pass::RetryLater => {
+                shared.status().retrying = true;
+                let d = backoff.next();
+                info!(retry_in = ?d, "will retry");
+                d
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            // New work while idle starts at once; a failing cache is still given its backoff.
+            _ = shared.nudge.notified(), if outcome == Pass::Idle => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// A ready entry and what it asks for.
+struct Ready {
+    entry: Entry,
+    items: Vec<Item>,
+}
+
+async fn process_pass(shared: Arc<Shared>) -> Pass {
+    let sd = shared.store().store_dir().clone();
+    let queue = shared.queue.clone();
+    let batch_max = shared.settings.batch_entries;
+    // Read entries off the async threads; reject what can never succeed right away.
+    let scanned = tokio::task::spawn_blocking(move || {
+        let mut ready = Vec::new();
+        let mut rejected = Vec::new();
+        let entries = queue.scan()?;
+        for entry in entries {
+            if ready.len() >= batch_max {
+                break;
+            }
+            match queue.read(&sd, &entry) {
+                Read::Items(items) => ready.push(Ready { entry, items }),
+                Read::NotReady | Read::Gone => {}
+                Read::Invalid(reason) => rejected.push((entry, reason)),
+            }
+        }
+        Ok::<_, std::io::Error>((ready, rejected))
+    })
+    .await;
+    let (ready, invalid) = match scanned {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            error!(error = %e, "cannot scan the queue directory");
+            shared.record_error(format!("queue scan: {e}"));
+            return Pass::RetryLater;
+        }
+        Err(e) => {
+            error!(error = %e, "queue scan task failed");
+            return Pass::RetryLater;
+        }
+    };
+    let mut progressed = false;
+    for (entry, reason) in invalid {
+        reject(&shared, &entry, &reason);
+        progressed = true;
+    }
+    if ready.is_empty() {
+        return if progressed {
+            Pass::Progressed
+        } else {
+            Pass::Idle
+        };
+    }
+
+    // One push for the whole batch; if anything fails, go entry by entry to tell apart the
+    // entries that can never succeed from those that should wait and retry.
+    let span = info_span!("batch", entries = ready.len());
+    let batch_result = async {
+        let mut all = BTreeSet::new();
+        for r in &ready {
+            match resolve(&shared, &r.items).await {
+                Ok(roots) => all.extend(roots),
+                Err(e) => return Err(e),
+            }
+        }
+        let roots: Vec<StorePath> = all.into_iter().collect();
+        push(&shared, &roots).await
+    }
+    .instrument(span)
+    .await;
+    if batch_result.is_ok() {
+        for r in &ready {
+            finish(&shared, &r.entry);
+        }
+        return Pass::Progressed;
+    }
+    if ready.len() == 1 {
+        return settle(&shared, &ready[0].entry, batch_result);
+    }
+    let mut any_retry = false;
+    for r in &ready {
+        let span = info_span!("entry", name = %r.entry.name);
+        let result = async {
+            let roots = resolve(&shared, &r.items).await?;
+            push(&shared, &roots).await
+        }
+        .instrument(span)
+        .await;
+        if settle(&shared, &r.entry, result) == Pass::RetryLater {
+            any_retry = true;
+        }
+    }
+    if any_retry {
+        Pass::RetryLater
+    } else {
+        Pass::Progressed
+    }
+}
+
+/// A failure of one entry, and whether it is worth retrying.
+struct Failure {
+    message: String,
+    transient: bool,
+}
+
+impl From<PushError> for Failure {
+    fn from(e: PushError) -> Self {
+        Failure {
+            transient: e.is_transient(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Failure>) -> Pass {
+    match result {
+        Ok(()) => {
+            finish(shared, entry);
+            Pass::Progressed
+        }
+        Err(f) if f.transient => {
+            warn!(entry = %entry.name, error = %f.message, "publishing failed; will retry");
+            shared.record_error(f.message);
+            Pass::RetryLater
+        }
+        Err(f) => {
+            reject(shared, entry, &f.message);
+            Pass::Progressed
+        }
+    }
+}
+
+fn finish(shared: &Arc<Shared>, entry: &Entry) {
+    if let Err(e) = shared.queue.remove(entry) {
+        // The entry stays and is pushed again later: harmless, everything is present then.
+        warn!(entry = %entry.name, error = %e, "cannot remove a finished queue entry");
+    } else {
+        debug!(entry = %entry.name, "entry done");
+    }
+}
+
+fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
+    error!(entry = %entry.name, %reason, "rejecting queue entry");
+    shared.status().rejected += 1;
+    shared.record_error(format!("rejected {}: {reason}", entry.name));
+    if let Err(e) = shared.queue.reject(entry, reason) {
+        error!(entry = %entry.name, error = %e, "cannot move the entry to rejected/");
+    }
+}
+
+/// The store paths a request stands for; paths that are not valid make it fail for good.
+async fn resolve(shared: &Arc<Shared>, items: &[Item]) -> Result<Vec<StorePath>, Failure> {
+    let store = shared.store();
+    let mut roots = Vec::new();
+    let mut drvs = Vec::new();
+    for it in items {
+        match it {
+            Item::Path(p) => roots.push(p.clone()),
+            Item::Outputs(d) => drvs.push(d.clone()),
+        }
+    }
+    if !drvs.is_empty() {
+        let outputs = store
+            .derivation_outputs(&drvs)
+            .await
+            .map_err(PushError::from)?;
+        let unbuilt: BTreeSet<StorePath> = store
+            .invalid_paths(&outputs)
+            .await
+            .map_err(PushError::from)?
+            .into_iter()
+            .collect();
+        roots.extend(outputs.into_iter().filter(|o| !unbuilt.contains(o)));
+    }
+    let invalid = store.invalid_paths(&roots).await.map_err(PushError::from)?;
+    if !invalid.is_empty() {
+        let sd = store.store_dir();
+        return Err(Failure {
+            message: format!(
+                "not valid in the Nix store: {}",
+                invalid
+                    .iter()
+                    .map(|p| sd.display(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            transient: false,
+        });
+    }
+    Ok(roots)
+}
+
+async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<(), Failure> {
+    if roots.is_empty() {
+        return Ok(());
+    }
+    let events: EventSink = {
+        let shared = Arc::downgrade(shared);
+        Arc::new(move |e: &Event| {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let mut st = shared.status();
+            match e {
+                Event::Planned { to_push, .. } => st.in_flight = *to_push,
+                Event::Published { .. } | Event::AlreadyPublished { .. } => {
+                    st.in_flight = st.in_flight.saturating_sub(1);
+                    st.published += 1;
+                }
+                Event::Failed { .. } => {
+                    st.in_flight = st.in_flight.saturating_sub(1);
+                    st.failed += 1;
+                }
+            }
+        })
+    };
+    let result = shared.pusher.push(roots, events).await;
+    shared.status().in_flight = 0;
+    let summary: Summary = result?;
+    if summary.published > 0 {
+        info!(
+            published = summary.published,
+            present = summary.present,
+            nar_bytes = summary.nar_bytes,
+            "published"
+        );
+    }
+    if summary.failed.is_empty() {
+        return Ok(());
+    }
+    let sd = shared.store().store_dir();
+    let transient = summary.failed.iter().all(|(_, _, t)| *t);
+    let message = summary
+        .failed
+        .iter()
+        .map(|(p, e, _)| format!("{}: {e}", sd.display(p)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(Failure { message, transient })
+}
+
+/// Exponential backoff with full jitter, capped; never gives up.
+struct Backoff {
+    attempt: u32,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self {
+            attempt: 0,
+            max: max.max(RETRY_MIN_DELAY),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next(&mut self) -> Duration {
+        let exp = RETRY_MIN_DELAY.saturating_mul(1u32 << self.attempt.min(20));
+        self.attempt = self.attempt.saturating_add(1);
+        let cap = exp.min(self.max);
+        // Half fixed, half random: spreads builders that failed together without ever waiting
+        // close to nothing.
+        let mut r = [0u8; 4];
+        let frac = if getrandom::getrandom(&mut r).is_ok() {
+            f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX)
+        } else {
+            0.5
+        };
+        cap.mul_f64(0.5 + 0.5 * frac)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut b = Backoff::new(Duration::from_secs(10));
+        let first = b.next();
+        assert!(first >= Duration::from_millis(500) && first <= RETRY_MIN_DELAY);
+        for _ in 0..30 {
+            assert!(b.next() <= Duration::from_secs(10));
+        }
+        assert!(b.next() >= Duration::from_secs(5));
+        b.reset();
+        assert!(b.next() <= RETRY_MIN_DELAY);
+    }
+}

@@ -1,0 +1,91 @@
+//! The daemon's socket protocol: one JSON request per connection, one line, answered by one
+//! JSON line; then the connection closes.
+//! ```text
+//! → {"op":"enqueue","items":["/nix/store/…-hello", "/nix/store/…-hello.drv^*"]}
+//! ← {"result":"queued","entry":"00001795444108000000000-1234-0"}
+//! → {"op":"status"}
+//! ← {"result":"status","queue_depth":0,…}
+//! ← {"result":"error","message":"…"}          (for any bad request; nothing was queued)
+//! ```
+//! `queued` is sent only once the request is durable in the queue directory (written, flushed
+//! and renamed into place), so a client that got it can forget the request. Messages are at
+//! most [`MAX_MESSAGE`] bytes.
+
+use serde::{Deserialize, Serialize};
+
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Queue items in the queue entry format (see [`crate::queue`]).
+    Enqueue {
+        items: Vec<String>,
+    },
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Queued { entry: String },
+    Status(StatusReport),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub cache: String,
+    pub uptime_secs: u64,
+    /// Entries waiting in the queue directory (including the ones being worked on).
+    pub queue_depth: usize,
+    /// Store paths being compressed or uploaded now.
+    pub in_flight: usize,
+    pub published: u64,
+    pub failed: u64,
+    pub rejected: u64,
+    /// Whether the daemon is waiting out a backoff after failures.
+    pub retrying: bool,
+    /// Most recent first.
+    pub last_errors: Vec<ErrorRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub message: String,
+}
+
+/// Parse one request line (without its newline).
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_MESSAGE {
+        return Err(format!("request larger than {MAX_MESSAGE} bytes"));
+    }
+    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let r = parse_request(br#"{"op":"enqueue","items":["/nix/store/x"]}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Enqueue {
+                items: vec!["/nix/store/x".into()]
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"status"}"#).unwrap(),
+            Request::Status
+        );
+        assert!(parse_request(b"garbage").is_err());
+        assert!(parse_request(br#"{"op":"enqueue"}"#).is_err());
+        assert!(parse_request(br#"{"op":"status","x":1}"#).is_err());
+        let s = serde_json::to_string(&Response::Queued { entry: "e".into() }).unwrap();
+        assert_eq!(s, r#"{"result":"queued","entry":"e"}"#);
+    }
+}

@@ -1,0 +1,340 @@
+//! The queue directory: the single source of truth for what still has to be published.
+//!
+//! Every request is a file in the queue directory until every path of its closure is
+//! published; only then is it removed. The daemon rescans the directory at start-up and
+//! periodically, and a file-system watcher only nudges it sooner, so nothing depends on an
+//! event being delivered.
+//!
+//! # Entry format
+//! A regular file (not a symlink) whose name does not start with `.`, at most
+//! [`MAX_ENTRY_BYTES`], holding whitespace-separated items; `#` starts a comment line:
+//! - a store path, e.g. `/nix/store/<hash>-hello-2.12`: publish its closure;
+//! - `<store path of a .drv>^*`: publish the closure of that derivation's built outputs (what
+//!   the post-build-hook sends when Nix does not pass `OUT_PATHS`).
+//!
+//! So `echo /nix/store/…-hello > /var/lib/nixpush/queue/my-request` is a valid request. Writers
+//! that want to be safe against a reader seeing half a file write a dot-file and rename it, as
+//! [`Queue::enqueue`] does; a file that does not parse yet and is younger than
+//! [`SETTLE_TIME`] is left for a later scan rather than rejected.
+//!
+//! Entries that can never succeed (unparsable, a path outside the store, a path that is not
+//! valid) are moved to `rejected/` inside the queue directory, with a `<name>.reason` file
+//! beside them.
+
+use std::fs;
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use crate::formats::{StoreDir, StorePath};
+
+pub const MAX_ENTRY_BYTES: u64 = 1 << 20;
+pub const REJECTED_DIR: &str = "rejected";
+/// How long a hand-written entry may take to be complete.
+pub const SETTLE_TIME: Duration = Duration::from_secs(5);
+
+/// One thing a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Item {
+    /// A store path and its closure.
+    Path(StorePath),
+    /// The built outputs of a derivation, and their closure.
+    Outputs(StorePath),
+}
+
+impl Item {
+    pub fn parse(store_dir: &StoreDir, s: &str) -> Result<Self, String> {
+        if let Some(drv) = s.strip_suffix("^*") {
+            let p = store_dir.parse(drv).map_err(|e| e.to_string())?;
+            if !p.is_derivation() {
+                return Err(format!("{s:?}: '^*' follows a path that is not a .drv"));
+            }
+            Ok(Item::Outputs(p))
+        } else {
+            store_dir
+                .parse(s)
+                .map(Item::Path)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    pub fn render(&self, store_dir: &StoreDir) -> String {
+        match self {
+            Item::Path(p) => store_dir.display(p),
+            Item::Outputs(p) => format!("{}^*", store_dir.display(p)),
+        }
+    }
+}
+
+/// Parse an entry's text. Every item must be valid, or the whole entry is refused.
+pub fn parse_entry(store_dir: &StoreDir, text: &str) -> Result<Vec<Item>, String> {
+    let mut items = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        for word in line.split_whitespace() {
+            items.push(Item::parse(store_dir, word)?);
+        }
+    }
+    if items.is_empty() {
+        return Err("the entry names no store path".into());
+    }
+    items.sort();
+    items.dedup();
+    Ok(items)
+}
+
+#[derive(Debug, Clone)]
+pub struct Queue {
+    dir: PathBuf,
+}
+
+/// An entry found by a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+}
+
+/// What reading an entry gave.
+#[derive(Debug)]
+pub enum Read {
+    Items(Vec<Item>),
+    /// Not parsable yet, but young enough that a writer may still be at it.
+    NotReady,
+    /// Never going to be valid: reject with this reason.
+    Invalid(String),
+    /// Gone meanwhile (another process finished it).
+    Gone,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Queue {
+    /// Open the queue directory, creating it (and `rejected/`) if needed.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir.join(REJECTED_DIR))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Without creating anything: for the hook, which must not fail if the directory is absent.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Durably add a request: once this returns, it survives a crash or power loss.
+    pub fn enqueue(&self, store_dir: &StoreDir, items: &[Item]) -> io::Result<String> {
+        let lines: Vec<String> = items.iter().map(|i| i.render(store_dir)).collect();
+        self.enqueue_raw(&lines)
+    }
+
+    /// Like [`Queue::enqueue`], with items not checked here (the daemon checks them when it
+    /// reads the entry): for the hook, which must stay fast and never lose a request.
+    pub fn enqueue_raw(&self, items: &[String]) -> io::Result<String> {
+        let mut text = String::new();
+        for it in items {
+            text.push_str(it);
+            text.push('\n');
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        // Names sort by time, so the oldest requests go first.
+        let name = format!(
+            "{:020}-{}-{}",
+            now.as_nanos(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let result = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            // The daemon may run as another user than the writer (root, via nix-daemon).
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+            fs::rename(&tmp, self.dir.join(&name))?;
+            sync_dir(&self.dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| name)
+    }
+
+    /// Entries in name order (oldest first for our own names).
+    pub fn scan(&self) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir)? {
+            let e = e?;
+            let Ok(name) = e.file_name().into_string() else {
+                // Not UTF-8: cannot be one of ours, and can still be rejected by its raw name.
+                continue;
+            };
+            if name.starts_with('.') || name == REJECTED_DIR {
+                continue;
+            }
+            out.push(Entry { name });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub fn read(&self, store_dir: &StoreDir, entry: &Entry) -> Read {
+        let path = self.dir.join(&entry.name);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
+            Err(e) => return Read::Invalid(format!("cannot inspect: {e}")),
+        };
+        if meta.file_type().is_symlink() {
+            return Read::Invalid("the entry is a symlink; entries must be regular files".into());
+        }
+        if !meta.is_file() {
+            return Read::Invalid("the entry is not a regular file".into());
+        }
+        if meta.len() > MAX_ENTRY_BYTES {
+            return Read::Invalid(format!(
+                "the entry is {} bytes, more than the limit of {MAX_ENTRY_BYTES}",
+                meta.len()
+            ));
+        }
+        let young = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_none_or(|age| age < SETTLE_TIME);
+        let mut text = String::new();
+        let read = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|f| f.take(MAX_ENTRY_BYTES + 1).read_to_string(&mut text));
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Read::Invalid("the entry is not UTF-8 text".into())
+            }
+            Err(e) => return Read::Invalid(format!("cannot read: {e}")),
+        }
+        match parse_entry(store_dir, &text) {
+            Ok(items) => Read::Items(items),
+            Err(_) if young => Read::NotReady,
+            Err(reason) => Read::Invalid(reason),
+        }
+    }
+
+    /// Remove a finished entry (durably).
+    pub fn remove(&self, entry: &Entry) -> io::Result<()> {
+        match fs::remove_file(self.dir.join(&entry.name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Move an entry that can never succeed to `rejected/`, with the reason beside it.
+    pub fn reject(&self, entry: &Entry, reason: &str) -> io::Result<()> {
+        let rejected = self.dir.join(REJECTED_DIR);
+        fs::create_dir_all(&rejected)?;
+        fs::write(
+            rejected.join(format!("{}.reason", entry.name)),
+            format!("{reason}\n"),
+        )?;
+        match fs::rename(self.dir.join(&entry.name), rejected.join(&entry.name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Leftover temporary files from writers that crashed, older than `age`.
+    pub fn clean_stale_temps(&self, age: Duration) {
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|a| a > age);
+                if old {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/nix/store/6wc80gnrw32m27zzl4k7r5j3jph6aasy-top";
+    const D: &str = "/nix/store/2wx1h0k18gg1w40ca82nv063qpkxqx9i-top.drv";
+
+    fn sd() -> StoreDir {
+        StoreDir::new("/nix/store").unwrap()
+    }
+
+    #[test]
+    fn entry_format() {
+        let items = parse_entry(&sd(), &format!("# a comment\n{P}\n{D}^* {P}\n")).unwrap();
+        assert_eq!(items.len(), 2);
+        assert!(parse_entry(&sd(), "").is_err());
+        assert!(parse_entry(&sd(), "\n# only\n").is_err());
+        assert!(parse_entry(&sd(), "/etc/passwd").is_err());
+        assert!(parse_entry(&sd(), "/nix/store/../etc/passwd").is_err());
+        assert!(parse_entry(&sd(), &format!("{P}^*")).is_err());
+    }
+
+    #[test]
+    fn enqueue_scan_read_remove_reject() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        let items = vec![Item::Path(sd().parse(P).unwrap())];
+        let name = q.enqueue(&sd(), &items).unwrap();
+        let entries = q.scan().unwrap();
+        assert_eq!(entries, vec![Entry { name: name.clone() }]);
+        assert!(matches!(q.read(&sd(), &entries[0]), Read::Items(i) if i == items));
+        q.remove(&entries[0]).unwrap();
+        assert!(q.scan().unwrap().is_empty());
+
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
+        let e = Entry {
+            name: "link".into(),
+        };
+        let Read::Invalid(why) = q.read(&sd(), &e) else {
+            panic!()
+        };
+        q.reject(&e, &why).unwrap();
+        assert!(dir.path().join("rejected/link.reason").exists());
+        assert!(q.scan().unwrap().is_empty());
+    }
+}
