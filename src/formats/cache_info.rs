@@ -17,8 +17,6 @@ pub const FILE_NAME: &str = "nix-cache-info";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("nix-cache-info line {0}: expected 'Key: value'")]
-    Syntax(usize),
     #[error("nix-cache-info has no StoreDir")]
     NoStoreDir,
     #[error("nix-cache-info line {0}: invalid Priority")]
@@ -53,7 +51,10 @@ impl CacheInfo {
             if line.trim().is_empty() {
                 continue;
             }
-            let (k, v) = line.split_once(':').ok_or(ParseError::Syntax(i + 1))?;
+            // Nix skips lines without a colon (`BinaryCacheStore::init`); so do we.
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
             let v = v.trim();
             match k.trim() {
                 "StoreDir" => store_dir = Some(v.to_owned()),
@@ -76,7 +77,8 @@ mod tests {
 
     #[test]
     fn golden() {
-        // What `nix copy --to file://…` writes (Nix 2.8.0).
+        // What cache.nixos.org serves and nixpush writes; `nix copy --to file://…` (Nix 2.8.0)
+        // writes only the StoreDir line (see tests/formats_golden.rs).
         let nix = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
         assert_eq!(CacheInfo::new("/nix/store").render(), nix);
         assert_eq!(CacheInfo::parse(nix).unwrap(), CacheInfo::new("/nix/store"));
