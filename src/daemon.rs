@@ -227,7 +227,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) {
             }
             match protocol::parse_request(&line) {
                 Err(message) => Response::Error { message },
-                Ok(Request::Status) => Response::Status(status_report(&shared).await),
+                Ok(Request::Status {}) => Response::Status(status_report(&shared).await),
                 Ok(Request::Enqueue { items }) => enqueue(&shared, &items).await,
             }
         }
@@ -256,9 +256,28 @@ async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
         };
     }
     let queue = shared.queue.clone();
-    let done = tokio::task::spawn_blocking(move || queue.enqueue(&sd, &items)).await;
+    let done = tokio::task::spawn_blocking(move || {
+        // A path that is not even on disk can never be published: say so now rather than
+        // acknowledge it and reject it later. (Validity proper is the worker's to check.)
+        let missing: Vec<String> = items
+            .iter()
+            .map(|(Item::Path(p) | Item::Outputs(p))| sd.display(p))
+            .filter(|p| {
+                matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Ok(Err(format!(
+                "not in the Nix store (no such path): {}",
+                missing.join(", ")
+            )));
+        }
+        queue.enqueue(&sd, &items).map(Ok)
+    })
+    .await;
     match done {
-        Ok(Ok(entry)) => {
+        Ok(Ok(Err(message))) => Response::Error { message },
+        Ok(Ok(Ok(entry))) => {
             debug!(entry, "queued");
             shared.nudge.notify_one();
             Response::Queued { entry }
@@ -509,6 +528,12 @@ async fn resolve(shared: &Arc<Shared>, items: &[Item]) -> Result<Vec<StorePath>,
             Item::Outputs(d) => drvs.push(d.clone()),
         }
     }
+    // The derivations first: asking a missing .drv for its outputs fails like an outage would,
+    // and would be retried forever instead of rejected.
+    let invalid_drvs = store.invalid_paths(&drvs).await.map_err(PushError::from)?;
+    if !invalid_drvs.is_empty() {
+        return Err(not_valid(store, &invalid_drvs));
+    }
     if !drvs.is_empty() {
         let outputs = store
             .derivation_outputs(&drvs)
@@ -524,20 +549,24 @@ async fn resolve(shared: &Arc<Shared>, items: &[Item]) -> Result<Vec<StorePath>,
     }
     let invalid = store.invalid_paths(&roots).await.map_err(PushError::from)?;
     if !invalid.is_empty() {
-        let sd = store.store_dir();
-        return Err(Failure {
-            message: format!(
-                "not valid in the Nix store: {}",
-                invalid
-                    .iter()
-                    .map(|p| sd.display(p))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            transient: false,
-        });
+        return Err(not_valid(store, &invalid));
     }
     Ok(roots)
+}
+
+fn not_valid(store: &Store, invalid: &[StorePath]) -> Failure {
+    let sd = store.store_dir();
+    Failure {
+        message: format!(
+            "not valid in the Nix store: {}",
+            invalid
+                .iter()
+                .map(|p| sd.display(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        transient: false,
+    }
 }
 
 async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<(), Failure> {

@@ -93,6 +93,9 @@ pub fn stage(
     let tmp = tempfile::Builder::new()
         .prefix(".nixpush-")
         .suffix(".tmp")
+        // A file backend renames this into the cache as it is: give it the mode Nix gives
+        // cache files (0666 less the umask), not tempfile's 0600.
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
         .map_err(|source| PipelineError::Staging {
             dir: dir.display().to_string(),

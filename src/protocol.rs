@@ -22,7 +22,7 @@ pub enum Request {
     Enqueue {
         items: Vec<String>,
     },
-    Status,
+    Status {},
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,7 +80,7 @@ mod tests {
         );
         assert_eq!(
             parse_request(br#"{"op":"status"}"#).unwrap(),
-            Request::Status
+            Request::Status {}
         );
         assert!(parse_request(b"garbage").is_err());
         assert!(parse_request(br#"{"op":"enqueue"}"#).is_err());

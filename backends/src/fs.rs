@@ -58,6 +58,7 @@ impl FsBackend {
             if !meta.is_dir() {
                 return Err(format!("{} is not a directory", r.display()));
             }
+            remove_stale_temps(&s);
             Ok(())
         })
         .await
@@ -90,14 +91,44 @@ impl FsBackend {
     }
 }
 
+/// Temporary files left by a writer that was killed. Old enough that no live writer (another
+/// push into the same cache, say) can still be filling them.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let is_temp = name
+            .to_str()
+            .is_some_and(|n| n.starts_with(TMP_PREFIX) && n.ends_with(".tmp"));
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if is_temp && stale {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
+
+/// Mode for new files, as Nix's `file://` store creates them (the umask applies): readable by
+/// a web server running as another user. tempfile's default, 0600, is not.
+const FILE_MODE: u32 = 0o666;
 
 fn temp_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
         .prefix(TMP_PREFIX)
         .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
         .tempfile_in(dir)
 }
 

@@ -78,7 +78,15 @@ fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
                 .containing(&p)
                 .with_context(|| format!("{arg:?} does not name a store path"));
         }
-        let meta = std::fs::symlink_metadata(&p).with_context(|| format!("{arg:?}"))?;
+        // Not in the store, and not there at all: say the first, which is the problem
+        // (`/nix/store/../etc` names `/nix/etc`), with the second as its cause.
+        let meta = std::fs::symlink_metadata(&p).with_context(|| {
+            format!(
+                "{arg:?} ({}) is not in the Nix store {}",
+                p.display(),
+                store_dir.as_str()
+            )
+        })?;
         if !meta.file_type().is_symlink() {
             bail!(
                 "{arg:?} ({}) is not in the Nix store {}",

@@ -26,7 +26,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut stream = UnixStream::connect(&cfg.socket)
         .with_context(|| format!("cannot reach the daemon at {}", cfg.socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut msg = serde_json::to_vec(&Request::Status)?;
+    let mut msg = serde_json::to_vec(&Request::Status {})?;
     msg.push(b'\n');
     stream.write_all(&msg)?;
     let mut line = String::new();

@@ -1,0 +1,257 @@
+//! `nixpush push` refuses bad input before publishing anything: the error names the problem,
+//! the exit code is non-zero, and the cache holds no narinfo (and no NAR). Symlinks to store
+//! paths, as `nix-build` leaves them (`./result`), are followed.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use common::*;
+
+/// Files under `cache/nar` (none if it does not exist).
+fn nar_files(cache: &Path) -> Vec<String> {
+    fs::read_dir(cache.join("nar"))
+        .map(|rd| {
+            rd.map(|e| {
+                e.expect("dir entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Run `nixpush push --to CACHE ARGS` in a fresh cache and check that it fails, saying every
+/// one of `expected` (case-insensitive), and publishes nothing.
+fn push_fails(args: &[&str], expected: &[&str]) -> Out {
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let out = run_fail(
+        nixpush()
+            .arg("push")
+            .arg("--to")
+            .arg(format!("file://{}", cache.display()))
+            .args(args),
+    );
+    let stderr = out.stderr.to_lowercase();
+    for e in expected {
+        assert!(
+            stderr.contains(&e.to_lowercase()),
+            "the error should mention {e:?}: {}",
+            out.report()
+        );
+    }
+    assert_eq!(
+        narinfo_files(&cache),
+        Vec::<String>::new(),
+        "narinfos published despite the error: {}",
+        out.report()
+    );
+    assert_eq!(
+        nar_files(&cache),
+        Vec::<String>::new(),
+        "NARs uploaded despite the error: {}",
+        out.report()
+    );
+    out
+}
+
+/// A path that is syntactically a store path but not in the store.
+fn missing_store_path() -> String {
+    let p = format!(
+        "{}/00000000000000000000000000000000-nixpush-missing-{}",
+        store_dir(),
+        salt()
+    );
+    assert!(!Path::new(&p).exists());
+    p
+}
+
+#[test]
+fn path_outside_the_store() {
+    push_fails(
+        &["--no-sign", "/etc/passwd"],
+        &["/etc/passwd", "not in the Nix store"],
+    );
+    // Also when it comes after a good one: nothing of the good one is published.
+    let c = small_closure();
+    push_fails(
+        &["--no-sign", &c.leaf, "/etc/passwd"],
+        &["/etc/passwd", "not in the Nix store"],
+    );
+}
+
+#[test]
+fn missing_store_path_is_refused() {
+    let missing = missing_store_path();
+    push_fails(&["--no-sign", &missing], &[&missing, "not valid"]);
+    let c = small_closure();
+    push_fails(&["--no-sign", &c.small, &missing], &[&missing, "not valid"]);
+}
+
+#[test]
+fn dot_dot_out_of_the_store() {
+    let store = store_dir();
+    let c = small_closure();
+    for arg in [
+        format!("{store}/../etc"),
+        format!("{store}/.."),
+        format!("{}/../../../etc/passwd", c.small),
+        format!("{}/../../etc", c.leaf),
+    ] {
+        push_fails(&["--no-sign", &arg], &[&arg, "not in the Nix store"]);
+    }
+    // The store directory itself names no store path.
+    push_fails(&["--no-sign", store], &["does not name a store path"]);
+}
+
+#[test]
+fn missing_key_file() {
+    let c = small_closure();
+    let tmp = tempdir();
+    let key = tmp.path().join("no-such-key.sec");
+    let key = key.to_str().expect("utf-8");
+    push_fails(
+        &["--key-file", key, &c.leaf],
+        &[key, "cannot read key file"],
+    );
+}
+
+#[test]
+fn malformed_key_files() {
+    let c = small_closure();
+    let tmp = tempdir();
+    let garbage = tmp.path().join("garbage.sec");
+    fs::write(&garbage, "this is not a key\n").expect("write");
+    let garbage = garbage.to_str().expect("utf-8");
+    push_fails(
+        &["--key-file", garbage, &c.leaf],
+        &[garbage, "not a secret key"],
+    );
+
+    // A public key given where the secret one belongs (both made by Nix and by nixpush).
+    let nix = nix_keygen(tmp.path(), "cli-errors.example.org-1", "nix");
+    let ours = nixpush_keygen(tmp.path(), "cli-errors-ours.example.org-1");
+    for public in [&nix.public, &ours.public] {
+        let public = public.to_str().expect("utf-8");
+        push_fails(
+            &["--key-file", public, &c.leaf],
+            &[public, "not a secret key"],
+        );
+    }
+    // A secret key whose public half does not match.
+    let sk = fs::read_to_string(&nix.secret).expect("secret key");
+    let (name, b64) = sk.trim().split_once(':').expect("name:base64");
+    let mut chars: Vec<char> = b64.chars().collect();
+    // The 80th base64 character encodes bits of the public half (bytes 32..63).
+    chars[80] = if chars[80] == 'A' { 'B' } else { 'A' };
+    let mismatched = tmp.path().join("mismatched.sec");
+    fs::write(
+        &mismatched,
+        format!("{name}:{}", chars.into_iter().collect::<String>()),
+    )
+    .expect("write");
+    let mismatched = mismatched.to_str().expect("utf-8");
+    push_fails(
+        &["--key-file", mismatched, &c.leaf],
+        &[mismatched, "not a secret key"],
+    );
+}
+
+#[test]
+fn unknown_compression() {
+    let c = small_closure();
+    push_fails(
+        &["--no-sign", "--compression", "lz9", &c.leaf],
+        &["lz9", "compression"],
+    );
+    // The same in the cache address, as Nix users write it.
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let out = run_fail(
+        nixpush()
+            .arg("push")
+            .arg("--to")
+            .arg(format!("file://{}?compression=lz9", cache.display()))
+            .arg("--no-sign")
+            .arg(&c.leaf),
+    );
+    assert!(out.stderr.contains("lz9"), "{}", out.report());
+    assert_eq!(narinfo_files(&cache), Vec::<String>::new());
+}
+
+#[test]
+fn no_key_and_no_no_sign() {
+    let c = small_closure();
+    push_fails(&[&c.leaf], &["no signing key", "--no-sign"]);
+}
+
+#[test]
+fn no_paths() {
+    push_fails(&["--no-sign"], &["no paths"]);
+}
+
+/// `./result`-style symlinks (and chains of them) resolve to the store path they end in; a
+/// path inside a store path names that store path; a store path that is itself a symlink is
+/// pushed as itself, not as what it points to.
+#[test]
+fn result_symlinks_are_followed() {
+    let c = small_closure();
+    let tmp = tempdir();
+    let work = tmp.path().join("work");
+    fs::create_dir(&work).expect("mkdir");
+    symlink(&c.small, work.join("result")).expect("symlink");
+    symlink("result", work.join("result-chain")).expect("symlink");
+    symlink(&c.link, work.join("result-link")).expect("symlink");
+
+    let push_in_work = |cache: &Path, args: &[&str]| {
+        run_ok(
+            nixpush()
+                .current_dir(&work)
+                .arg("push")
+                .arg("--to")
+                .arg(cache)
+                .arg("--no-sign")
+                .args(args),
+        )
+    };
+    let narinfos = |paths: &[&String]| {
+        let mut v: Vec<String> = paths
+            .iter()
+            .map(|p| format!("{}.narinfo", hash_part(p)))
+            .collect();
+        v.sort();
+        v
+    };
+
+    let whole = narinfos(&[&c.leaf, &c.link, &c.text, &c.small]);
+    for (i, arg) in ["./result", "result-chain"].iter().enumerate() {
+        let cache = tmp.path().join(format!("cache-{i}"));
+        let out = push_in_work(&cache, &[arg]);
+        assert_eq!(narinfo_files(&cache), whole, "{arg}: {}", out.report());
+    }
+
+    // A path inside a store path names that store path. (Through `./result/dir/sub` it does
+    // not: like Nix's `followLinksToStore`, only the last component is followed.)
+    let cache = tmp.path().join("cache-inside");
+    let inside = format!("{}/dir/sub", c.small);
+    let out = push_in_work(&cache, &[&inside]);
+    assert_eq!(narinfo_files(&cache), whole, "{}", out.report());
+
+    // The symlink store path itself, with its closure (the leaf), and nothing else.
+    let cache = tmp.path().join("cache-link");
+    let out = push_in_work(&cache, &["./result-link"]);
+    assert_eq!(
+        narinfo_files(&cache),
+        narinfos(&[&c.leaf, &c.link]),
+        "{}",
+        out.report()
+    );
+    let ni = RawNarInfo::read(&cache, &c.link);
+    assert_eq!(ni.one("StorePath"), c.link);
+    assert!(ni.all("Sig").is_empty(), "--no-sign, yet: {}", ni.text);
+}
