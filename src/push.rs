@@ -336,6 +336,9 @@ impl Pusher {
         });
 
         let results = self.publish_all(to_push, events).await;
+        // Whatever was published must survive a power loss before the caller forgets the
+        // request (the daemon removes its queue entry next).
+        self.backend.sync().await.map_err(|e| self.backend_err(e))?;
         for (path, nar_size, outcome) in results {
             match outcome {
                 Ok(Outcome::Published { file_size }) => {

@@ -2,12 +2,14 @@
 //! `file://` store lays it out, so the directory can be served by any web server or copied
 //! around as it is.
 //!
-//! Every object is written to a temporary file in the directory of its final key, flushed to
-//! disk, then renamed into place (or hard-linked, for create-if-absent, which fails atomically
-//! on an existing name). The directory is flushed after the rename, so once `put` returns the
-//! object survives a crash, and an object published after another can never survive one that
-//! the other did not: the NAR, then the narinfo, hold on disk in that order. Temporary names
-//! start with [`TMP_PREFIX`] and are never listed.
+//! Every object is written to a temporary file in the directory of its final key, its data
+//! flushed to disk, then renamed into place (or hard-linked, for create-if-absent, which fails
+//! atomically on an existing name). A reader never sees a partial object, even after a power
+//! loss: an object's data is on disk before its name is. The renames themselves reach the disk
+//! in the order they were made (journaling file systems commit metadata in order), so a narinfo
+//! never survives a crash that its NAR did not; [`Backend::sync`] flushes the directories,
+//! once per push rather than once per object, which is what made many small paths slow.
+//! Temporary names start with [`TMP_PREFIX`] and are never listed.
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -25,6 +27,8 @@ pub const TMP_PREFIX: &str = ".nixpush-";
 pub struct FsBackend {
     root: PathBuf,
     staging: PathBuf,
+    /// Directories with renames not yet flushed by [`Backend::sync`].
+    dirty: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
 
 impl FsBackend {
@@ -63,7 +67,11 @@ impl FsBackend {
         })
         .await
         .map_err(|e| e.to_string())??;
-        Ok(Self { root, staging })
+        Ok(Self {
+            root,
+            staging,
+            dirty: Default::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -132,15 +140,14 @@ fn temp_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
         .tempfile_in(dir)
 }
 
-/// Move `tmp` (already flushed) to `dest` as `mode` says, then flush the directory.
+/// Move `tmp` (already flushed) to `dest` as `mode` says.
 fn commit(tmp: tempfile::TempPath, dest: &Path, mode: PutMode) -> io::Result<()> {
-    let dir = dest.parent().expect("keys have a parent");
     match mode {
         PutMode::Overwrite => tmp.persist(dest).map_err(|e| e.error)?,
         // link() refuses an existing name atomically, even against another process.
         PutMode::Create => tmp.persist_noclobber(dest).map_err(|e| e.error)?,
     }
-    sync_dir(dir)
+    Ok(())
 }
 
 fn put_blocking(dest: &Path, body: Body, mode: PutMode) -> io::Result<()> {
@@ -174,10 +181,18 @@ impl Backend for FsBackend {
     async fn put(&self, key: &str, body: Body, opts: PutOptions) -> Result<(), BackendError> {
         let dest = self.path_of("put", key)?;
         let mode = opts.mode;
-        tokio::task::spawn_blocking(move || put_blocking(&dest, body, mode))
+        let dir = dest.parent().expect("keys have a parent").to_owned();
+        let result = tokio::task::spawn_blocking(move || put_blocking(&dest, body, mode))
             .await
             .map_err(|e| BackendError::new(ErrorKind::Other, "put", key, e.to_string()))?
-            .map_err(|e| BackendError::io("put", key, e))
+            .map_err(|e| BackendError::io("put", key, e));
+        if result.is_ok() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(dir);
+        }
+        result
     }
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
@@ -227,6 +242,25 @@ impl Backend for FsBackend {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(BackendError::io("delete", key, e)),
         }
+    }
+
+    async fn sync(&self) -> Result<(), BackendError> {
+        let dirs: Vec<PathBuf> =
+            std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        let flushed = tokio::task::spawn_blocking(move || {
+            for d in &dirs {
+                sync_dir(d).map_err(|e| (d.clone(), e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| BackendError::new(ErrorKind::Other, "sync", "", e.to_string()))?;
+        flushed.map_err(|(d, e)| BackendError::io("sync", &d.display().to_string(), e))
     }
 
     fn staging_dir(&self) -> Option<&Path> {
