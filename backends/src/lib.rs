@@ -151,6 +151,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Remove `key`; removing an absent key succeeds.
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
 
+    /// Make everything `put` so far durable across a power loss. Stores where a returned `put`
+    /// is already durable (every remote one) need not override this. Callers call it before
+    /// they forget a request, e.g. before the daemon removes a queue entry.
+    async fn sync(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Where to stage files for [`Body::File`] so that `put` can move rather than copy them:
     /// the fs backend names a directory on the cache's filesystem. `None`: anywhere.
     fn staging_dir(&self) -> Option<&Path> {
