@@ -21,6 +21,8 @@ use crate::formats::{nar, Compression, Sha256};
 /// Below this NAR size a single compression thread is as fast and wastes no start-up work.
 const MULTITHREAD_MIN_NAR: u64 = 4 << 20;
 const WRITE_BUF: usize = 256 << 10;
+/// zstd's work unit per thread when one NAR is compressed by several threads.
+const ZSTD_JOB_SIZE: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct CompressOptions {
@@ -211,6 +213,11 @@ impl<W: Write> Encoder<W> {
                 let mut e = zstd::stream::write::Encoder::new(w, level.unwrap_or(3))?;
                 if threads > 1 {
                     e.multithread(threads)?;
+                    // zstd's default job size at level 3 kept ~110 MiB of buffers in flight;
+                    // 1 MiB jobs keep a push at ~25 MiB, spread mid-size NARs over all
+                    // workers, and cost under 0.2% of compression ratio (measured with
+                    // bench/run on its large path).
+                    e.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
                 }
                 // Knowing the size lets zstd pick a window to fit small NARs.
                 if size_hint > 0 {

@@ -157,12 +157,23 @@ impl Queue {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        let result = (|| {
-            let mut f = fs::OpenOptions::new()
+        let create = || {
+            fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o644)
-                .open(&tmp)?;
+                .open(&tmp)
+        };
+        let result = (|| {
+            let mut f = match create() {
+                // The daemon has never run (or its state was wiped): a queue directory made
+                // now is taken over by the daemon when it starts, so the request survives.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir_all(&self.dir)?;
+                    create()?
+                }
+                other => other?,
+            };
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
             // The daemon may run as another user than the writer (root, via nix-daemon).

@@ -1,0 +1,896 @@
+//! The daemon with real Nix: builds hooked with `post-build-hook = nixpush hook` are published
+//! whether the daemon runs or not (then the queue directory keeps them until it starts), real
+//! Nix substitutes what it published with signatures required; bad requests and bad queue
+//! entries are refused with a reason while valid ones keep landing; configuration errors stop
+//! it at start; the store can be read through a nix-daemon; `nixpush status` counts it all.
+
+mod common;
+mod daemon_support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use daemon_support::*;
+
+/// Fresh derivations for the hook: a chain with a text file, and a derivation with two outputs
+/// (the hook sends `<drv>^*` with Nix 2.8, so the daemon must find both).
+const HOOKED_NIX: &str = r#"
+{ salt }:
+let
+  mk = name: script: builtins.derivation {
+    inherit name salt;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+    PATH = "/usr/bin:/bin";
+  };
+  note = builtins.toFile "np-hook-note" "note ${salt}\n";
+  a = mk "np-hook-a" "printf 'a %s\\n' \"$salt\" > $out";
+  b = mk "np-hook-b" ''
+    mkdir $out
+    printf '%s\n' ${a} > $out/a
+    cat ${note} > $out/note-copy
+    ln -s ${note} $out/note
+  '';
+  c = mk "np-hook-c" ''
+    mkdir -p $out/bin
+    printf '#!/bin/sh\necho %s\n' ${b} > $out/bin/c
+    chmod +x $out/bin/c
+  '';
+  multi = (builtins.derivation {
+    name = "np-hook-multi";
+    inherit salt;
+    outputs = [ "out" "dev" ];
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "mkdir $out $dev; printf '%s\\n' ${c} > $dev/c; printf 'multi\\n' > $out/m" ];
+    PATH = "/usr/bin:/bin";
+  });
+in { inherit a b c multi; }
+"#;
+
+/// Independent one-file paths.
+const LEAVES_NIX: &str = r#"
+{ salt }:
+let
+  leaf = n: builtins.derivation {
+    name = "np-leaf-${toString n}";
+    inherit salt;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "printf 'leaf %s %s\\n' ${toString n} \"$salt\" > $out" ];
+    PATH = "/usr/bin:/bin";
+  };
+in { l1 = leaf 1; l2 = leaf 2; l3 = leaf 3; l4 = leaf 4; l5 = leaf 5; }
+"#;
+
+const HOOK_DRVS: usize = 4;
+
+fn leaves(tag: &str, attrs: &[&str]) -> Vec<String> {
+    let (paths, _) = nix_build_expr(LEAVES_NIX, &fresh_salt(tag), attrs, &[]);
+    assert_eq!(paths.len(), attrs.len());
+    paths
+}
+
+/// A post-build-hook program (Nix runs it without arguments): runs `nixpush hook` and notes
+/// its exit code and how long it took, one line per call.
+fn hook_wrapper(setup: &Setup) -> (PathBuf, PathBuf) {
+    let script = setup.dir.path().join("post-build-hook");
+    let times = setup.dir.path().join("hook-times");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             start=$(date +%s%N)\n\
+             '{nixpush}' hook --config '{config}'\n\
+             rc=$?\n\
+             end=$(date +%s%N)\n\
+             echo \"$rc $(( (end - start) / 1000000 )) $DRV_PATH [$OUT_PATHS]\" >> '{times}'\n\
+             exit $rc\n",
+            nixpush = NIXPUSH,
+            config = setup.config.display(),
+            times = times.display(),
+        ),
+    )
+    .expect("write hook");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod hook");
+    (script, times)
+}
+
+/// Build the hooked derivations with the hook; every output path (both of `multi`), and what
+/// nix-build said.
+fn build_hooked(hook: &Path) -> (Vec<String>, Out) {
+    let (paths, out) = nix_build_expr(
+        HOOKED_NIX,
+        &fresh_salt("hook"),
+        &["c", "multi"],
+        &["--option", "post-build-hook", &hook.display().to_string()],
+    );
+    // Whatever nix-build prints of `multi`, the daemon must publish both of its outputs.
+    let mut outputs = paths.clone();
+    let multi = paths
+        .iter()
+        .find(|p| p.ends_with("-np-hook-multi"))
+        .unwrap_or_else(|| panic!("no multi output: {}", out.report()));
+    let drv = deriver_of(multi);
+    let q = run_ok(Command::new("nix-store").args(["-q", "--outputs", &drv]));
+    outputs.extend(q.stdout.lines().map(str::to_owned));
+    outputs.sort();
+    outputs.dedup();
+    assert_eq!(outputs.len(), 3, "c, multi.out, multi.dev: {outputs:?}");
+    (outputs, out)
+}
+
+/// The hook's calls: (exit code, milliseconds, DRV_PATH), checked to be quick and successful.
+fn check_hook_calls(times: &Path, expected: usize, max: Duration) -> Vec<String> {
+    let text = fs::read_to_string(times).expect("the hook never ran");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), expected, "hook calls:\n{text}");
+    let mut requests = Vec::new();
+    for l in lines {
+        let (head, out_paths) = l.split_once(" [").expect("[OUT_PATHS]");
+        let mut w = head.split_whitespace();
+        let rc = w.next().expect("rc");
+        let ms: u64 = w.next().expect("ms").parse().expect("ms");
+        let drv = w.next().expect("DRV_PATH");
+        assert_eq!(rc, "0", "the hook failed: {l}");
+        assert!(
+            u128::from(ms) < max.as_millis(),
+            "the hook took {ms} ms (limit {max:?}): {l}"
+        );
+        assert!(drv.ends_with(".drv"), "{l}");
+        // Nix 2.8.0 leaves OUT_PATHS empty; then the request is the derivation's outputs.
+        let out_paths = out_paths.trim_end_matches(']').trim();
+        if out_paths.is_empty() {
+            requests.push(format!("{drv}^*"));
+        } else {
+            requests.push(out_paths.split_whitespace().collect::<Vec<_>>().join("\n"));
+        }
+    }
+    requests
+}
+
+fn status_u64(status: &serde_json::Value, key: &str) -> u64 {
+    status[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status has no {key}: {status}"))
+}
+
+#[test]
+fn hook_publishes_builds_while_the_daemon_runs() {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    let (hook, times) = hook_wrapper(&setup);
+    let (outputs, build) = build_hooked(&hook);
+    assert!(
+        !build.stderr.contains("not reachable"),
+        "the hook should have handed over through the socket: {}",
+        build.report()
+    );
+    // Through the socket the hook waits only for the entry to be on disk.
+    check_hook_calls(&times, HOOK_DRVS, Duration::from_millis(1500));
+
+    let expected = closure_of_all(&outputs);
+    assert_eq!(expected.len(), 6, "a, note, b, c, multi.out, multi.dev");
+    setup.wait_published(&expected, &daemon);
+    let published = check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
+    for p in &expected {
+        assert!(published.contains(p), "{p} not published");
+    }
+
+    let st = setup.status();
+    assert!(
+        status_u64(&st, "published") >= expected.len() as u64,
+        "{st}"
+    );
+    assert_eq!(status_u64(&st, "queue_depth"), 0, "{st}");
+    assert_eq!(status_u64(&st, "in_flight"), 0, "{st}");
+    assert_eq!(status_u64(&st, "failed"), 0, "{st}");
+    assert_eq!(status_u64(&st, "rejected"), 0, "{st}");
+    assert_eq!(st["retrying"], false, "{st}");
+    assert!(
+        st["cache"].as_str().is_some_and(|c| c.contains("cache")),
+        "{st}"
+    );
+
+    setup.nix_substitutes(&expected);
+}
+
+#[test]
+fn hook_queues_while_the_daemon_is_down_and_the_daemon_catches_up() {
+    let setup = Setup::new("");
+    // The daemon ran once (so its queue directory exists, as systemd's StateDirectory would)
+    // and was stopped: its socket file is left behind, refusing connections.
+    let daemon = setup.start();
+    let st = daemon.terminate(Duration::from_secs(30));
+    assert!(st.success(), "SIGTERM should be a clean exit: {st}");
+    assert!(UnixStream::connect(&setup.socket).is_err());
+
+    let (hook, times) = hook_wrapper(&setup);
+    let (outputs, build) = build_hooked(&hook);
+    let mut want = check_hook_calls(&times, HOOK_DRVS, Duration::from_millis(1000));
+    assert_eq!(
+        build.stderr.matches("queued as").count(),
+        HOOK_DRVS,
+        "the hook should say it queued each build itself: {}",
+        build.report()
+    );
+
+    // Every build waits in the queue, as `<drv>^*` where Nix left OUT_PATHS empty (2.8.0).
+    let entries = setup.queued();
+    assert_eq!(entries.len(), HOOK_DRVS, "{entries:?}");
+    let mut queued_items: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            fs::read_to_string(setup.queue.join(e))
+                .expect("entry")
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    queued_items.sort();
+    want.sort();
+    assert_eq!(queued_items, want);
+    let expected = closure_of_all(&outputs);
+    assert!(narinfo_files(&setup.cache).is_empty());
+
+    let daemon = setup.start();
+    setup.wait_published(&expected, &daemon);
+    let published = check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        published.into_iter().collect::<Vec<_>>(),
+        expected,
+        "exactly the closures of the builds"
+    );
+    let st = setup.status();
+    assert_eq!(status_u64(&st, "queue_depth"), 0, "{st}");
+    assert_eq!(status_u64(&st, "published"), expected.len() as u64, "{st}");
+    assert_eq!(status_u64(&st, "rejected"), 0, "{st}");
+    setup.nix_substitutes(&expected);
+}
+
+/// Send `msg`; the daemon must answer with an error whose message contains every one of
+/// `needles`.
+fn expect_refused(setup: &Setup, msg: &[u8], needles: &[&str]) {
+    let r = setup.request(msg);
+    let shown = String::from_utf8_lossy(&msg[..msg.len().min(200)]).into_owned();
+    assert_eq!(r["result"], "error", "request {shown:?} answered {r}");
+    let m = r["message"].as_str().expect("message");
+    for n in needles {
+        assert!(
+            m.contains(n),
+            "request {shown:?}: {m:?} should mention {n:?}"
+        );
+    }
+}
+
+fn enqueue_msg(items: &[&str]) -> Vec<u8> {
+    let mut v = serde_json::json!({"op": "enqueue", "items": items})
+        .to_string()
+        .into_bytes();
+    v.push(b'\n');
+    v
+}
+
+/// Write a queue entry with its modification time `age` ago (dot-file, then rename: the
+/// daemon never sees it half-written).
+fn write_entry_aged(setup: &Setup, name: &str, bytes: &[u8], age: Duration) {
+    let tmp = setup.queue.join(format!(".{name}.tmp"));
+    fs::write(&tmp, bytes).expect("write entry");
+    age_file(&tmp, age);
+    fs::rename(&tmp, setup.queue.join(name)).expect("rename entry");
+}
+
+#[test]
+fn bad_requests_and_entries_are_refused_and_good_ones_still_land() {
+    let setup = Setup::new("");
+    let mut daemon = setup.start();
+    let l = leaves("bad-input", &["l1", "l2", "l3", "l4", "l5"]);
+    let sd = store_dir();
+    let missing = format!("{sd}/00000000000000000000000000000000-nixpush-nonexistent");
+    let missing_drv = format!("{sd}/11111111111111111111111111111111-nixpush-nonexistent.drv");
+    let base = base_name(&l[0]).to_owned();
+
+    // The socket: malformed, unknown, oversized, outside the store, `..` tricks, missing paths.
+    expect_refused(
+        &setup,
+        b"{\"op\":\"enqueue\",\"items\":[\n",
+        &["malformed request"],
+    );
+    expect_refused(&setup, b"not json at all\n", &["malformed request"]);
+    expect_refused(&setup, b"\xff\xfe\x00garbage\n", &["malformed request"]);
+    expect_refused(&setup, b"{\"op\":\"frobnicate\"}\n", &["frobnicate"]);
+    expect_refused(
+        &setup,
+        b"{\"op\":\"status\",\"sneaky\":1}\n",
+        &["malformed request", "sneaky"],
+    );
+    expect_refused(&setup, b"{\"op\":\"enqueue\"}\n", &["items"]);
+    let mut huge = b"{\"op\":\"enqueue\",\"items\":[\"".to_vec();
+    huge.resize(huge.len() + (1 << 20) + 100, b'a');
+    huge.extend_from_slice(b"\"]}\n");
+    expect_refused(&setup, &huge, &["larger than 1048576 bytes"]);
+    expect_refused(
+        &setup,
+        &enqueue_msg(&["/etc/passwd"]),
+        &["/etc/passwd", "not in the Nix store"],
+    );
+
+    // One good request in between.
+    let e1 = setup.enqueue(std::slice::from_ref(&l[0]));
+    assert!(!e1.is_empty());
+
+    for tricky in [
+        format!("{sd}/../etc/passwd"),
+        format!("{sd}/{base}/../../../etc/shadow"),
+        format!("{sd}/../../{sd}/{base}"),
+        format!("/nix/../{sd}/{base}"),
+        format!("{sd}/./{base}"),
+        format!("{sd}/{base}/"),
+        format!("{sd}/{base}/bin/x"),
+    ] {
+        expect_refused(&setup, &enqueue_msg(&[&tricky]), &[&tricky]);
+    }
+    expect_refused(&setup, &enqueue_msg(&[&format!("{sd}/..")]), &["\"..\""]);
+    expect_refused(
+        &setup,
+        &enqueue_msg(&[&missing]),
+        &[&missing, "no such path"],
+    );
+    expect_refused(
+        &setup,
+        &enqueue_msg(&[&format!("{missing_drv}^*")]),
+        &[&missing_drv, "no such path"],
+    );
+    expect_refused(
+        &setup,
+        &enqueue_msg(&[&format!("{}^*", l[1])]),
+        &["not a .drv"],
+    );
+    expect_refused(&setup, &enqueue_msg(&[]), &["names no store path"]);
+    // One bad item spoils the whole request: nothing of it is queued.
+    expect_refused(
+        &setup,
+        &enqueue_msg(&[&l[4], "/etc/passwd"]),
+        &["/etc/passwd"],
+    );
+    daemon.assert_running();
+
+    // The queue directory: what can never succeed moves to rejected/ with the reason.
+    let old = Duration::from_secs(60);
+    let young_written = Instant::now();
+    write_entry_aged(
+        &setup,
+        "young-garbage",
+        b"still being written",
+        Duration::ZERO,
+    );
+    let mut bad: Vec<(&str, &str)> = Vec::new();
+    write_entry_aged(&setup, "garbage", b"this is not a store path\n", old);
+    bad.push(("garbage", "\"this\" is not in the Nix store"));
+    write_entry_aged(&setup, "empty", b"", old);
+    bad.push(("empty", "names no store path"));
+    write_entry_aged(&setup, "only-comments", b"# nothing\n  # here\n", old);
+    bad.push(("only-comments", "names no store path"));
+    write_entry_aged(&setup, "binary", b"\xff\xfe\x00\x01\x80", old);
+    bad.push(("binary", "not UTF-8"));
+    write_entry_aged(&setup, "outside", b"/etc/passwd\n", old);
+    bad.push(("outside", "\"/etc/passwd\" is not in the Nix store"));
+    write_entry_aged(
+        &setup,
+        "dotdot",
+        format!("{sd}/{base}/../../../etc/passwd\n").as_bytes(),
+        old,
+    );
+    bad.push(("dotdot", "is not in the Nix store"));
+    write_entry_aged(
+        &setup,
+        "half-good",
+        format!("{}\n/etc/passwd\n", l[4]).as_bytes(),
+        old,
+    );
+    bad.push(("half-good", "\"/etc/passwd\" is not in the Nix store"));
+    write_entry_aged(
+        &setup,
+        "nonexistent",
+        format!("{missing}\n").as_bytes(),
+        old,
+    );
+    bad.push(("nonexistent", "not valid in the Nix store"));
+    write_entry_aged(
+        &setup,
+        "nonexistent-drv",
+        format!("{missing_drv}^*\n").as_bytes(),
+        old,
+    );
+    bad.push(("nonexistent-drv", "not valid in the Nix store"));
+    // Too large, though every line of it is a valid path: never read at all.
+    let line = format!("{}\n", l[4]);
+    let big = line.repeat((1 << 20) / line.len() + 1);
+    write_entry_aged(&setup, "too-large", big.as_bytes(), old);
+    bad.push(("too-large", "more than the limit of 1048576"));
+    // A symlink to a file naming a valid path: not followed.
+    let outside = setup.dir.path().join("outside-entry");
+    fs::write(&outside, &line).expect("write");
+    std::os::unix::fs::symlink(&outside, setup.queue.join("symlink")).expect("symlink");
+    bad.push(("symlink", "symlink"));
+    fs::create_dir(setup.queue.join("a-directory")).expect("mkdir");
+    bad.push(("a-directory", "not a regular file"));
+    // And a good entry among them.
+    setup.write_entry("good-between", &format!("# by hand\n{}\n", l[1]));
+
+    let rejected_all = || {
+        let r = setup.rejected();
+        bad.iter()
+            .all(|(n, _)| r.contains(&n.to_string()) && r.contains(&format!("{n}.reason")))
+    };
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "rejections; rejected/: {:?}; queue: {:?}\n--- log:\n{}",
+                setup.rejected(),
+                setup.queued(),
+                daemon.log_tail()
+            )
+        },
+        rejected_all,
+    );
+    // A file that does not parse yet is given time: its writer may still be at it.
+    if young_written.elapsed() < Duration::from_secs(4) {
+        assert!(
+            setup.queued().contains(&"young-garbage".to_owned()),
+            "a young unparsable entry was rejected early: {:?}",
+            setup.rejected()
+        );
+    }
+    for (name, why) in &bad {
+        let reason = fs::read_to_string(setup.queue.join(format!("rejected/{name}.reason")))
+            .expect("reason file");
+        assert!(
+            reason.contains(why),
+            "rejected/{name}.reason should say {why:?}: {reason:?}"
+        );
+        assert!(!setup.queue.join(name).exists(), "{name} still queued");
+    }
+    let moved = setup.queue.join("rejected/symlink");
+    assert!(fs::symlink_metadata(&moved).is_ok_and(|m| m.file_type().is_symlink()));
+    assert_eq!(fs::read_to_string(&outside).expect("untouched"), line);
+
+    wait_until(
+        PATIENCE,
+        || format!("young-garbage rejection; queue: {:?}", setup.queued()),
+        || {
+            setup
+                .rejected()
+                .contains(&"young-garbage.reason".to_owned())
+        },
+    );
+    let reason =
+        fs::read_to_string(setup.queue.join("rejected/young-garbage.reason")).expect("reason");
+    assert!(
+        reason.contains("\"still\" is not in the Nix store"),
+        "{reason}"
+    );
+    daemon.assert_running();
+
+    // Still serving: a request after all that lands too.
+    setup.enqueue(std::slice::from_ref(&l[2]));
+    let good = vec![l[0].clone(), l[1].clone(), l[2].clone()];
+    setup.wait_published(&good, &daemon);
+    // Nothing of the refused requests and entries was published.
+    assert!(
+        !setup.published(&l[3..4]) && !setup.published(&l[4..5]),
+        "a path named only by refused requests or entries was published"
+    );
+    check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
+
+    let st = setup.status();
+    assert_eq!(
+        status_u64(&st, "rejected"),
+        bad.len() as u64 + 1,
+        "one per rejected entry: {st}"
+    );
+    assert_eq!(status_u64(&st, "queue_depth"), 0, "{st}");
+    assert_eq!(status_u64(&st, "published"), 3, "{st}");
+    assert_eq!(st["retrying"], false, "{st}");
+    let errors = st["last_errors"].as_array().expect("last_errors");
+    assert!(
+        errors.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rejected"))),
+        "{st}"
+    );
+    daemon.assert_running();
+    setup.nix_substitutes(&good);
+}
+
+/// `nixpush daemon --config` with `text`: fails at once, saying all of `needles`, and never
+/// listens.
+fn expect_config_refused(setup: &Setup, text: &str, needles: &[&str]) {
+    fs::write(&setup.config, text).expect("config");
+    let out = run_with_timeout(&mut setup.daemon_command(), Duration::from_secs(60));
+    assert!(
+        !out.status.success() && out.status.code().is_some(),
+        "the daemon should refuse to start: {}",
+        out.report()
+    );
+    for n in needles {
+        assert!(
+            out.stderr.contains(n),
+            "the error should mention {n:?}: {}",
+            out.report()
+        );
+    }
+    assert!(!setup.socket.exists(), "it bound its socket anyway");
+}
+
+#[test]
+fn configuration_errors_stop_the_daemon_at_start() {
+    let setup = Setup::new("");
+    let good = setup.config_text("");
+    // The line of the `[daemon]` table in the good config, to put mistakes after it.
+    let daemon_line = good
+        .lines()
+        .position(|l| l == "[daemon]")
+        .expect("[daemon]")
+        + 1;
+
+    let typo = good.replace("log-level", "compresion = \"xz\"\nlog-level");
+    let line = typo
+        .lines()
+        .position(|l| l.starts_with("compresion"))
+        .expect("typo")
+        + 1;
+    expect_config_refused(
+        &setup,
+        &typo,
+        &["compresion", &format!("line {line}"), "unknown field"],
+    );
+
+    let typo = good.replace("[daemon]\n", "[daemon]\nrescan-intervall-secs = 5\n");
+    expect_config_refused(
+        &setup,
+        &typo,
+        &[
+            "rescan-intervall-secs",
+            &format!("line {}", daemon_line + 1),
+        ],
+    );
+
+    let wrong = good.replace("[daemon]\n", "[daemon]\nbatch-entries = \"many\"\n");
+    expect_config_refused(
+        &setup,
+        &wrong,
+        &["batch-entries", &format!("line {}", daemon_line + 1)],
+    );
+
+    let secret = setup.keys.secret.display().to_string();
+    let missing = setup.dir.path().join("no-such-key.sec");
+    expect_config_refused(
+        &setup,
+        &good.replace(&secret, &missing.display().to_string()),
+        &["cannot read key file", &missing.display().to_string()],
+    );
+    let dir_key = setup.dir.path().join("a-directory.sec");
+    fs::create_dir(&dir_key).expect("mkdir");
+    expect_config_refused(
+        &setup,
+        &good.replace(&secret, &dir_key.display().to_string()),
+        &["cannot read key file", &dir_key.display().to_string()],
+    );
+    let junk_key = setup.dir.path().join("junk.sec");
+    fs::write(&junk_key, "not a key\n").expect("write");
+    expect_config_refused(
+        &setup,
+        &good.replace(&secret, &junk_key.display().to_string()),
+        &["not a secret key", &junk_key.display().to_string()],
+    );
+    // No config file at all, named explicitly.
+    let absent = setup.dir.path().join("absent.toml");
+    let out = run_with_timeout(
+        nixpush().arg("daemon").arg("--config").arg(&absent),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "{}", out.report());
+    assert!(
+        out.stderr.contains(&absent.display().to_string()),
+        "{}",
+        out.report()
+    );
+
+    // And the good one still starts.
+    fs::write(&setup.config, &good).expect("config");
+    let mut daemon = setup.start();
+    daemon.assert_running();
+    assert_eq!(setup.status()["queue_depth"], 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through a nix-daemon, as the systemd unit runs it (Environment=NIX_REMOTE=daemon).
+
+const NIX_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+/// A nix-daemon this test started (stopped by its PID when dropped), or None when one was
+/// already listening.
+struct NixDaemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl NixDaemon {
+    fn ensure(log: PathBuf) -> Self {
+        if UnixStream::connect(NIX_DAEMON_SOCKET).is_ok() {
+            return Self { child: None, log };
+        }
+        let log_file = fs::File::create(&log).expect("log");
+        let child = Command::new("nix-daemon")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("cannot start nix-daemon");
+        let mut d = Self {
+            child: Some(child),
+            log,
+        };
+        let start = Instant::now();
+        while UnixStream::connect(NIX_DAEMON_SOCKET).is_err() {
+            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
+                panic!(
+                    "nix-daemon exited ({st}): {}",
+                    fs::read_to_string(&d.log).unwrap_or_default()
+                );
+            }
+            assert!(start.elapsed() < PATIENCE, "nix-daemon does not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log(&self) -> Option<String> {
+        self.child
+            .as_ref()
+            .map(|_| fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for NixDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Leave no dead socket behind for whoever looks next (unless someone else listens).
+            if UnixStream::connect(NIX_DAEMON_SOCKET).is_err() {
+                let _ = fs::remove_file(NIX_DAEMON_SOCKET);
+            }
+        }
+    }
+}
+
+#[test]
+fn store_queries_through_a_nix_daemon() {
+    let setup = Setup::new("");
+    let nix_daemon = NixDaemon::ensure(setup.dir.path().join("nix-daemon.log"));
+    // Built without the hook, so the daemon is told by hand: a path, and a .drv's outputs.
+    let l = leaves("nix-daemon", &["l1", "l2"]);
+    let drv = deriver_of(&l[1]);
+    let mut cmd = setup.daemon_command();
+    // As the unit runs it: an unprivileged user without a home that cannot open Nix's
+    // database, owning only its state, cache and socket directories and able to read its key.
+    let unprivileged = run_as_nobody(&setup);
+    if unprivileged {
+        let mut wrapped = Command::new("setpriv");
+        wrapped
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .env_remove("HOME");
+        for v in ["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "WATCHDOG_USEC"] {
+            wrapped.env_remove(v);
+        }
+        cmd = wrapped;
+    } else {
+        eprintln!("not root or no setpriv: running the daemon as the current user");
+    }
+    cmd.env("NIX_REMOTE", "daemon");
+    let daemon = setup.start_with(cmd);
+    setup.enqueue(&[l[0].clone(), format!("{drv}^*")]);
+    setup.wait_published(&l, &daemon);
+    check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !setup.published(std::slice::from_ref(&drv)),
+        "`^*` publishes the outputs, not the .drv"
+    );
+    if unprivileged {
+        use std::os::unix::fs::MetadataExt as _;
+        let ni = setup.cache.join(format!("{}.narinfo", hash_part(&l[0])));
+        assert_eq!(
+            fs::metadata(&ni).expect("narinfo").uid(),
+            65534,
+            "written as nobody"
+        );
+    }
+    if let Some(log) = nix_daemon.log() {
+        assert!(
+            log.contains("accepted connection"),
+            "nixpush's store queries did not reach the nix-daemon:\n{log}"
+        );
+        if unprivileged {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("accepted connection") && !l.contains("user root")),
+                "no connection from the unprivileged daemon:\n{log}"
+            );
+        }
+    }
+    drop(daemon);
+    drop(nix_daemon);
+    setup.nix_substitutes(&l);
+}
+
+/// Prepare `setup` for a daemon running as uid/gid 65534, if we are root and have setpriv.
+fn run_as_nobody(setup: &Setup) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let setpriv = Command::new("setpriv")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !root || !setpriv {
+        return false;
+    }
+    fs::set_permissions(setup.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let run_dir = setup.socket.parent().expect("socket dir").to_owned();
+    for d in [&setup.cache, &setup.queue, &run_dir] {
+        fs::create_dir_all(d).expect("mkdir");
+        std::os::unix::fs::chown(d, Some(65534), Some(65534)).expect("chown");
+    }
+    std::os::unix::fs::chown(&setup.keys.secret, Some(65534), Some(65534)).expect("chown key");
+    true
+}
+
+#[test]
+fn hook_reads_out_paths_or_drv_path_and_never_fails_the_build() {
+    let setup = Setup::new("");
+    let text = setup
+        .config_text("")
+        .replace("timeout-ms = 2000", "timeout-ms = 300");
+    fs::write(&setup.config, &text).expect("config");
+    let l = leaves("hook-env", &["l1", "l2", "l3", "l4"]);
+    let missing = format!(
+        "{}/22222222222222222222222222222222-nixpush-missing",
+        store_dir()
+    );
+    let hook = |env: &[(&str, &str)]| {
+        let mut c = nixpush();
+        c.args(["hook", "--config"])
+            .arg(&setup.config)
+            .env_remove("OUT_PATHS")
+            .env_remove("DRV_PATH");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        run_with_timeout(&mut c, Duration::from_secs(60))
+    };
+    let mut daemon = setup.start();
+
+    // Newer Nix: OUT_PATHS, space-separated, is used rather than DRV_PATH.
+    let drv = deriver_of(&l[3]);
+    let out = hook(&[
+        ("OUT_PATHS", &format!("{} {}", l[0], l[1])),
+        ("DRV_PATH", &drv),
+    ]);
+    assert!(out.status.success(), "{}", out.report());
+    assert!(
+        out.stderr.is_empty(),
+        "handed over quietly: {}",
+        out.report()
+    );
+    // Neither: nothing to do, and still no failure.
+    let out = hook(&[("OUT_PATHS", "")]);
+    assert!(out.status.success(), "{}", out.report());
+    assert!(
+        out.stderr.contains("nothing to publish"),
+        "{}",
+        out.report()
+    );
+    setup.wait_published(&l[..2], &daemon);
+    assert!(
+        !setup.published(&l[3..4]),
+        "DRV_PATH used despite OUT_PATHS"
+    );
+
+    // A path the daemon refuses: the build still succeeds; the request is kept in the queue,
+    // where the daemon rejects it with the reason.
+    let out = hook(&[("OUT_PATHS", &missing)]);
+    assert!(out.status.success(), "{}", out.report());
+    assert!(
+        out.stderr.contains("the daemon refused") && out.stderr.contains("queued as"),
+        "{}",
+        out.report()
+    );
+    wait_until(
+        PATIENCE,
+        || format!("rejection; rejected/: {:?}", setup.rejected()),
+        || setup.rejected().len() == 2,
+    );
+    let reason_file = setup
+        .rejected()
+        .into_iter()
+        .find(|n| n.ends_with(".reason"))
+        .expect("reason");
+    let reason = fs::read_to_string(setup.queue.join("rejected").join(reason_file)).expect("r");
+    assert!(
+        reason.contains("not valid in the Nix store") && reason.contains(&missing),
+        "{reason}"
+    );
+
+    // A daemon that hangs (stopped): the hook gives up after hook.timeout-ms and queues the
+    // request itself.
+    let pid = daemon.pid().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    let start = Instant::now();
+    let out = hook(&[("OUT_PATHS", &l[2])]);
+    let took = start.elapsed();
+    run_ok(Command::new("kill").args(["-CONT", &pid]));
+    assert!(out.status.success(), "{}", out.report());
+    assert!(
+        out.stderr.contains("queued as") && took < Duration::from_secs(3),
+        "took {took:?}: {}",
+        out.report()
+    );
+    // Resumed, it finds the request twice (its own from the socket, the hook's file): both go.
+    setup.wait_published(&l[..3], &daemon);
+    daemon.assert_running();
+    let st = setup.status();
+    assert_eq!(st["rejected"], 1, "{st}");
+    assert_eq!(st["queue_depth"], 0, "{st}");
+    drop(daemon);
+
+    // Nowhere to put the request: said on stderr, naming the paths; exit 0 unless the config
+    // asks for the build to fail.
+    let blocked = setup.dir.path().join("a-file");
+    fs::write(&blocked, "").expect("write");
+    let text = text.replace(
+        &format!("queue-dir = \"{}\"", setup.queue.display()),
+        &format!("queue-dir = \"{}/queue\"", blocked.display()),
+    );
+    assert!(text.contains("a-file/queue"));
+    fs::write(&setup.config, &text).expect("config");
+    let out = hook(&[("OUT_PATHS", &l[3])]);
+    assert!(out.status.success(), "{}", out.report());
+    assert!(
+        out.stderr.contains("cannot write") && out.stderr.contains(&l[3]),
+        "{}",
+        out.report()
+    );
+    fs::write(
+        &setup.config,
+        text.replace("[hook]\n", "[hook]\nfail-build-on-error = true\n"),
+    )
+    .expect("config");
+    let out = hook(&[("OUT_PATHS", &l[3])]);
+    assert!(
+        !out.status.success() && out.stderr.contains(&l[3]),
+        "{}",
+        out.report()
+    );
+}
