@@ -425,14 +425,11 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     // entries that can never succeed from those that should wait and retry.
     let span = info_span!("batch", entries = ready.len());
     let batch_result = async {
-        let mut all = BTreeSet::new();
-        for r in &ready {
-            match resolve(&shared, &r.items).await {
-                Ok(roots) => all.extend(roots),
-                Err(e) => return Err(e),
-            }
-        }
-        let roots: Vec<StorePath> = all.into_iter().collect();
+        // One validity query for the union (not one per entry): a burst of hook requests then
+        // costs a few processes per batch, not per build.
+        let items: BTreeSet<Item> = ready.iter().flat_map(|r| r.items.iter().cloned()).collect();
+        let items: Vec<Item> = items.into_iter().collect();
+        let roots = resolve(&shared, &items).await?;
         push(&shared, &roots).await
     }
     .instrument(span)
