@@ -9,7 +9,11 @@
 //! - **Create-if-absent.** [`PutMode::Create`] succeeds only if no object has the key, otherwise
 //!   fails with [`ErrorKind::AlreadyExists`] and leaves the existing object untouched. When two
 //!   writers race, exactly one wins. Narinfos are written this way, so the first builder to
-//!   publish a path wins and later ones do not rewrite it.
+//!   publish a path wins and later ones do not rewrite it. Every backend creates bodies of up
+//!   to [`CREATE_LIMIT`] bytes; a store that cannot create a larger staged file without holding
+//!   it whole in memory (S3: a multipart upload cannot be completed conditionally through
+//!   object_store) refuses one with [`ErrorKind::Other`] before writing anything. Where a
+//!   backend depends on its server for this (HTTP), its module says so.
 //! - **Idempotent overwrite.** [`PutMode::Overwrite`] replaces atomically.
 //! - **Bounded memory.** Bodies are staged files ([`Body::File`]) or small in-memory objects;
 //!   a backend streams files and never holds one whole in memory. [`Backend::get`] returns a
@@ -19,6 +23,17 @@
 //!
 //! Dispatch is dynamic (`Arc<dyn Backend>`): the backend is chosen at run time from a cache
 //! address, and the cost of a virtual call is nothing next to an upload.
+//!
+//! # Backends
+//! | address | module | cargo feature |
+//! |---|---|---|
+//! | `file:///path`, `/path` | [`fs`] | `fs` |
+//! | `s3://bucket[/prefix]?region=&endpoint=&profile=&scheme=` | `s3` | `s3` (+ `s3-aws-config` for the AWS credential chain) |
+//! | `http://host/path`, `https://...` (a server that accepts PUT) | `http` | `http` |
+//! | `sftp://[user@]host[:port]/path?identity=&known-hosts=&insecure-accept-any-host-key=` | `sftp` | `sftp` |
+//! | `gs://bucket[/prefix]?credentials=&anonymous=&endpoint=` | `gcs` | `gcs` |
+//!
+//! All are on by default. Each refuses parameters it does not know, naming them.
 
 use std::fmt;
 use std::io;
@@ -31,6 +46,17 @@ use futures::Stream;
 
 #[cfg(feature = "fs")]
 pub mod fs;
+#[cfg(feature = "gcs")]
+pub mod gcs;
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "s3")]
+pub mod s3;
+#[cfg(feature = "sftp")]
+pub mod sftp;
+
+/// The size up to which every backend supports [`PutMode::Create`] (see the contract).
+pub const CREATE_LIMIT: u64 = 8 << 20;
 
 /// A stream of an object's bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, BackendError>> + Send>>;
@@ -208,7 +234,10 @@ pub enum OpenError {
     Invalid(String, String),
     #[error("cache address {0:?}: the {1} backend is not compiled in (cargo feature {1:?})")]
     NotCompiled(String, &'static str),
-    #[error("cache address {0:?}: unsupported scheme {1:?} (expected file://, or a plain path)")]
+    #[error(
+        "cache address {0:?}: unsupported scheme {1:?} \
+         (expected file://, s3://, http://, https://, sftp://, gs://, or a plain path)"
+    )]
     UnsupportedScheme(String, String),
     #[error("cache address {addr:?}: {source}")]
     Backend {
@@ -218,7 +247,8 @@ pub enum OpenError {
     },
 }
 
-/// Open a cache from an address in Nix's syntax: `file:///path` or a plain path.
+/// Open a cache from an address in Nix's syntax (see the table in the crate doc). No request is
+/// made: an unreachable server or wrong credentials show on the first operation.
 pub async fn open(addr: &str) -> Result<Arc<dyn Backend>, OpenError> {
     let (scheme, rest) = match addr.split_once("://") {
         Some((s, r)) => (s, r),
@@ -238,10 +268,61 @@ pub async fn open(addr: &str) -> Result<Arc<dyn Backend>, OpenError> {
             #[cfg(not(feature = "fs"))]
             Err(OpenError::NotCompiled(addr.to_owned(), "fs"))
         }
+        "s3" => {
+            #[cfg(feature = "s3")]
+            {
+                let s3 = s3::S3Backend::open(addr)
+                    .await
+                    .map_err(|e| open_error(addr, e))?;
+                Ok(Arc::new(s3))
+            }
+            #[cfg(not(feature = "s3"))]
+            Err(OpenError::NotCompiled(addr.to_owned(), "s3"))
+        }
+        "http" | "https" => {
+            #[cfg(feature = "http")]
+            {
+                let http = http::HttpBackend::open(addr).map_err(|e| open_error(addr, e))?;
+                Ok(Arc::new(http))
+            }
+            #[cfg(not(feature = "http"))]
+            Err(OpenError::NotCompiled(addr.to_owned(), "http"))
+        }
+        "sftp" => {
+            #[cfg(feature = "sftp")]
+            {
+                let sftp = sftp::SftpBackend::open(addr).map_err(|e| open_error(addr, e))?;
+                Ok(Arc::new(sftp))
+            }
+            #[cfg(not(feature = "sftp"))]
+            Err(OpenError::NotCompiled(addr.to_owned(), "sftp"))
+        }
+        "gs" => {
+            #[cfg(feature = "gcs")]
+            {
+                let gcs = gcs::GcsBackend::open(addr).map_err(|e| open_error(addr, e))?;
+                Ok(Arc::new(gcs))
+            }
+            #[cfg(not(feature = "gcs"))]
+            Err(OpenError::NotCompiled(addr.to_owned(), "gcs"))
+        }
         other => Err(OpenError::UnsupportedScheme(
             addr.to_owned(),
             other.to_owned(),
         )),
+    }
+}
+
+/// A bad address is [`OpenError::Invalid`]; anything else keeps its kind.
+#[cfg(any(feature = "s3", feature = "http", feature = "sftp", feature = "gcs"))]
+fn open_error(addr: &str, e: BackendError) -> OpenError {
+    if e.kind == ErrorKind::Config {
+        OpenError::Invalid(addr.to_owned(), e.message)
+    } else {
+        OpenError::Backend {
+            addr: addr.to_owned(),
+            source: e,
+        }
     }
 }
 

@@ -17,8 +17,10 @@ use super::progress::Progress;
 
 #[derive(Debug, clap::Args)]
 pub struct PushArgs {
-    /// The cache: `file:///dir` or a plain directory path. Nix's store parameters
-    /// `compression`, `secret-key` and `parallel-compression` are understood in the address.
+    /// The cache: `file:///dir` (or a plain directory path), `s3://bucket[/prefix]`
+    /// (`?region=&endpoint=&profile=&scheme=`) or `http(s)://host/path` (a server that accepts
+    /// PUT; `?token-file=` or `?basic-auth-file=`). Nix's store parameters `compression`,
+    /// `secret-key` and `parallel-compression` are understood in the address.
     #[arg(long, env = "NIXPUSH_TO", value_name = "CACHE")]
     to: String,
     /// Secret key file to sign with (repeatable), as made by `nixpush keygen` or

@@ -1,0 +1,508 @@
+//! End to end over the network backends, with the real `nixpush` binary and real Nix:
+//! - `nixpush push --to http://...` into nginx (WebDAV PUT, bearer token), then Nix substitutes
+//!   the closure from `http://127.0.0.1:PORT/...` with signatures required;
+//! - `nixpush push --to s3://...` into SeaweedFS, then Nix substitutes it through SeaweedFS's
+//!   S3 HTTP endpoint, where the bucket allows anonymous reads (this Nix has no `s3://`);
+//! - two `nixpush push` processes publishing overlapping closures into one S3 prefix at the
+//!   same time: every narinfo is created exactly once and never rewritten, is signed and
+//!   valid, and no NAR is missing.
+//!
+//! The servers are the ones the backend conformance suite uses (`backends/tests/support`),
+//! started once for this test binary. Credentials are always given explicitly, and
+//! `AWS_EC2_METADATA_DISABLED=true`: nothing looks for cloud credentials.
+
+// Needs both network backends compiled in (the default).
+#![cfg(all(feature = "s3", feature = "http"))]
+
+mod common;
+
+#[path = "../backends/tests/support/testbeds.rs"]
+mod testbeds;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+/// `nixpush` with explicit S3 test keys and no way to reach cloud metadata.
+fn nixpush_s3() -> Command {
+    let mut c = nixpush();
+    for v in [
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("AWS_ACCESS_KEY_ID", testbeds::S3_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", testbeds::S3_SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    c
+}
+
+fn unique(name: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("time")
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// `nix copy --from URL --to ROOT PATHS`, trusting only `public_keys`, signatures required.
+fn nix_copy_from(url: &str, root: &Path, public_keys: &[String], paths: &[String]) -> Out {
+    run_ok(
+        nix()
+            .arg("copy")
+            .arg("--from")
+            .arg(url)
+            .arg("--to")
+            .arg(root)
+            .args(["--option", "trusted-public-keys", &public_keys.join(" ")])
+            .args(["--option", "require-sigs", "true"])
+            .args(["--option", "substituters", ""])
+            .args(paths),
+    )
+}
+
+fn assert_substituted(root: &Path, paths: &[String], how: &Out) {
+    for p in paths {
+        assert!(
+            valid_in_root(root, p),
+            "{p} not valid under {} after {}",
+            root.display(),
+            how.report()
+        );
+    }
+}
+
+/// How many paths a push says it published (`pushed N paths ...`, or 0 for "nothing to push").
+fn pushed_count(out: &Out) -> usize {
+    for l in out.stderr.lines() {
+        if l.starts_with("nothing to push") {
+            return 0;
+        }
+        if let Some(rest) = l.strip_prefix("pushed ") {
+            if let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
+                return n;
+            }
+        }
+    }
+    panic!("no summary line in {}", out.report())
+}
+
+/// `curl` a URL anonymously: status, headers (lower-cased names) and body.
+fn curl(method: &str, url: &str) -> (u16, BTreeMap<String, String>, String) {
+    let mut cmd = Command::new("curl");
+    if method == "HEAD" {
+        cmd.args(["-sS", "-I"]);
+    } else {
+        cmd.args(["-sS", "-D", "-", "-X", method]);
+    }
+    let out = run_ok(cmd.arg(url));
+    let (head, body) = out
+        .stdout
+        .split_once("\r\n\r\n")
+        .unwrap_or((&out.stdout, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {}", out.report()));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// A narinfo's fields (key → values).
+fn parse_narinfo(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for l in text.lines() {
+        let (k, v) = l
+            .split_once(": ")
+            .unwrap_or_else(|| panic!("bad narinfo line {l:?} in\n{text}"));
+        m.entry(k.to_owned()).or_default().push(v.to_owned());
+    }
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP (nginx)
+
+#[test]
+fn http_push_then_nix_substitutes() {
+    let Some(ngx) = testbeds::nginx() else { return };
+    let c = small_closure();
+    let tmp = tempdir();
+    let keys = nixpush_keygen(tmp.path(), "e2e-http.example.org-1");
+    let token = tmp.path().join("token");
+    fs::write(&token, format!("{}\n", testbeds::HTTP_TOKEN)).expect("token file");
+    let path = unique("http-cache");
+    let url = ngx.url(&path);
+
+    // Without the token, the server refuses and nixpush says so.
+    let denied = run_fail(
+        nixpush()
+            .arg("push")
+            .arg("--to")
+            .arg(&url)
+            .arg("--key-file")
+            .arg(&keys.secret)
+            .arg(&c.small)
+            .env_remove("NIXPUSH_TOKEN"),
+    );
+    assert!(
+        denied.stderr.contains("401"),
+        "no 401 in {}",
+        denied.report()
+    );
+    assert!(
+        !denied.stderr.contains(testbeds::HTTP_TOKEN),
+        "{}",
+        denied.report()
+    );
+
+    let to = format!("{url}?token-file={}", token.display());
+    let push = || {
+        run_ok(
+            nixpush()
+                .arg("push")
+                .arg("--to")
+                .arg(&to)
+                .arg("--key-file")
+                .arg(&keys.secret)
+                .arg(&c.small),
+        )
+    };
+    let first = push();
+    assert_eq!(pushed_count(&first), c.all().len(), "{}", first.report());
+    assert!(
+        !first.stderr.contains(testbeds::HTTP_TOKEN),
+        "{}",
+        first.report()
+    );
+    let second = push();
+    assert_eq!(pushed_count(&second), 0, "{}", second.report());
+
+    // The files are where Nix looks for them, served with the right types by nginx itself.
+    let served = ngx.root.join(&path);
+    for p in c.all() {
+        assert!(served.join(format!("{}.narinfo", hash_part(&p))).is_file());
+    }
+    assert!(served.join("nix-cache-info").is_file());
+
+    let root = tmp.path().join("root");
+    let copy = nix_copy_from(
+        &url,
+        &root,
+        &[keys.public_key()],
+        std::slice::from_ref(&c.small),
+    );
+    assert_substituted(&root, &c.all(), &copy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3 (SeaweedFS)
+
+const BUCKET: &str = testbeds::PUBLIC_BUCKETS[0];
+
+#[test]
+fn s3_push_then_nix_substitutes_over_http() {
+    let Some(sw) = testbeds::seaweedfs() else {
+        return;
+    };
+    let c = small_closure();
+    let tmp = tempdir();
+    let keys = nixpush_keygen(tmp.path(), "e2e-s3.example.org-1");
+    let prefix = unique("s3-cache");
+    let to = sw.address(BUCKET, &prefix);
+    let push = || {
+        run_ok(
+            nixpush_s3()
+                .arg("push")
+                .arg("--to")
+                .arg(&to)
+                .arg("--key-file")
+                .arg(&keys.secret)
+                .arg(&c.small),
+        )
+    };
+    let first = push();
+    assert_eq!(pushed_count(&first), c.all().len(), "{}", first.report());
+    assert!(
+        !first.stderr.contains(testbeds::S3_SECRET_KEY),
+        "{}",
+        first.report()
+    );
+    let second = push();
+    assert_eq!(pushed_count(&second), 0, "{}", second.report());
+
+    // Anonymous readers get every object, with the content types nixpush set.
+    let http = format!("{}/{BUCKET}/{prefix}", sw.endpoint());
+    let (status, headers, _) = curl("GET", &format!("{http}/nix-cache-info"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("text/x-nix-cache-info")
+    );
+    for p in c.all() {
+        let (status, headers, body) = curl("GET", &format!("{http}/{}.narinfo", hash_part(&p)));
+        assert_eq!(status, 200, "{p}");
+        assert_eq!(
+            headers.get("content-type").map(String::as_str),
+            Some("text/x-nix-narinfo")
+        );
+        let url = &parse_narinfo(&body)["URL"][0];
+        let (status, headers, _) = curl("HEAD", &format!("{http}/{url}"));
+        assert_eq!(status, 200, "{url}");
+        assert_eq!(
+            headers.get("content-type").map(String::as_str),
+            Some("application/x-nix-nar")
+        );
+    }
+
+    let root = tmp.path().join("root");
+    let copy = nix_copy_from(
+        &http,
+        &root,
+        &[keys.public_key()],
+        std::slice::from_ref(&c.small),
+    );
+    assert_substituted(&root, &c.all(), &copy);
+}
+
+/// Paths for the concurrency test: a chain of ten, ten independent leaves, and two roots that
+/// both refer to all of those plus one path of their own.
+const OVERLAP_NIX: &str = r#"
+{ salt }:
+let
+  mk = name: script: builtins.derivation {
+    inherit name salt;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+    PATH = "/usr/bin:/bin";
+  };
+  chain = builtins.foldl' (prev: i: mk "np-chain-${toString i}" ''
+    { printf 'chain ${toString i} %s\n' "$salt"; ${if prev == null then "" else "echo ${prev};"}
+      seq 1 ${toString (2000 * (i + 1))}; } > $out
+  '') null (builtins.genList (i: i) 10);
+  leaves = builtins.genList (i: mk "np-leaf-${toString i}" ''
+    { printf 'leaf ${toString i} %s\n' "$salt"; seq ${toString i} 7 40000; } > $out
+  '') 10;
+  root = side: mk "np-root-${side}" ''
+    mkdir $out
+    printf 'root ${side}\n' > $out/side
+    printf '%s\n' ${chain} ${builtins.concatStringsSep " " (map toString leaves)} > $out/deps
+    printf '%s\n' ${mk "np-own-${side}" "printf 'own ${side} %s\\n' \"$salt\" > $out"} > $out/own
+  '';
+in { a = root "a"; b = root "b"; }
+"#;
+
+/// One S3 listing entry: ETag and LastModified.
+type Version = (String, String);
+
+/// Anonymous ListObjectsV2 of `prefix/` in the public bucket: key → (ETag, LastModified).
+fn list_versions(sw: &testbeds::SeaweedFs, prefix: &str) -> BTreeMap<String, Version> {
+    let (status, _, body) = curl(
+        "GET",
+        &format!(
+            "{}/{BUCKET}?list-type=2&max-keys=1000&prefix={prefix}/",
+            sw.endpoint()
+        ),
+    );
+    assert_eq!(status, 200, "listing: {body}");
+    assert!(
+        !body.contains("<IsTruncated>true</IsTruncated>"),
+        "listing truncated"
+    );
+    let field = |entry: &str, name: &str| -> String {
+        entry
+            .split(&format!("<{name}>"))
+            .nth(1)
+            .and_then(|r| r.split(&format!("</{name}>")).next())
+            .unwrap_or_else(|| panic!("no {name} in {entry}"))
+            .replace("&#34;", "\"")
+            .replace("&quot;", "\"")
+    };
+    body.split("<Contents>")
+        .skip(1)
+        .map(|e| {
+            let key = field(e, "Key");
+            let key = key
+                .strip_prefix(&format!("{prefix}/"))
+                .unwrap_or(&key)
+                .to_owned();
+            (key, (field(e, "ETag"), field(e, "LastModified")))
+        })
+        .collect()
+}
+
+#[test]
+fn s3_concurrent_pushes_never_rewrite_a_narinfo() {
+    let Some(sw) = testbeds::seaweedfs() else {
+        return;
+    };
+    let tmp = tempdir();
+    // Different keys and compressions: each process's narinfos and NARs differ from the other's,
+    // so a rewrite would show in the content (ETag), whatever the timestamps' resolution.
+    let key_a = nixpush_keygen(tmp.path(), "e2e-writer-a.example.org-1");
+    let key_b = nixpush_keygen(tmp.path(), "e2e-writer-b.example.org-1");
+    let built = run_ok(
+        Command::new("nix-build")
+            .args(["--no-out-link", "--expr", OVERLAP_NIX])
+            .args(["--argstr", "salt", &unique("overlap")])
+            .args(["-A", "a", "-A", "b"]),
+    );
+    let roots: Vec<String> = built.stdout.lines().map(str::to_owned).collect();
+    assert_eq!(roots.len(), 2, "{}", built.report());
+    let closure_a = closure_of(&roots[0]);
+    let closure_b = closure_of(&roots[1]);
+    let union: BTreeSet<String> = closure_a.iter().chain(&closure_b).cloned().collect();
+    let shared = closure_a.iter().filter(|p| closure_b.contains(p)).count();
+    assert_eq!(
+        (union.len(), shared),
+        (24, 20),
+        "unexpected closures:\n{closure_a:?}\n{closure_b:?}"
+    );
+
+    let prefix = unique("concurrent");
+    let to = sw.address(BUCKET, &prefix);
+
+    // Watch the prefix while the pushes run: the first version of every key seen.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let prefix = prefix.clone();
+        std::thread::spawn(move || {
+            let mut first: BTreeMap<String, Version> = BTreeMap::new();
+            let mut polls = 0;
+            loop {
+                let done = stop.load(Ordering::SeqCst);
+                for (k, v) in list_versions(sw, &prefix) {
+                    first.entry(k).or_insert(v);
+                }
+                polls += 1;
+                if done {
+                    return (first, polls);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+
+    let spawn = |keys: &KeyPair, compression: &str, root: &str| {
+        nixpush_s3()
+            .arg("push")
+            .arg("--to")
+            .arg(&to)
+            .arg("--key-file")
+            .arg(&keys.secret)
+            .args(["--compression", compression, "--jobs", "4"])
+            .arg(root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nixpush")
+    };
+    let a = spawn(&key_a, "zstd", &roots[0]);
+    let b = spawn(&key_b, "xz", &roots[1]);
+    let finish = |child: std::process::Child, what: &str| {
+        let out = child.wait_with_output().expect("wait for nixpush");
+        let out = Out {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            command: format!("nixpush push ({what})"),
+        };
+        assert!(out.status.success(), "{}", out.report());
+        out
+    };
+    let out_a = finish(a, "writer a");
+    let out_b = finish(b, "writer b");
+    stop.store(true, Ordering::SeqCst);
+    let (first_seen, polls) = watcher.join().expect("watcher thread");
+    let last = list_versions(sw, &prefix);
+
+    // Each narinfo was created by exactly one of the two.
+    let (pa, pb) = (pushed_count(&out_a), pushed_count(&out_b));
+    let raced = |o: &Out| {
+        o.stderr
+            .lines()
+            .filter(|l| l.contains("published meanwhile by another writer"))
+            .count()
+    };
+    eprintln!(
+        "concurrent pushes: writer a published {pa} and lost {} races, writer b published {pb} \
+         and lost {}, of {} paths ({polls} listings watched)",
+        raced(&out_a),
+        raced(&out_b),
+        union.len()
+    );
+    assert_eq!(
+        pa + pb,
+        union.len(),
+        "narinfos published twice or not at all:\n{}\n{}",
+        out_a.report(),
+        out_b.report()
+    );
+
+    // Never rewritten: what was first seen of every object is what is there now.
+    for (k, v) in &last {
+        if k.ends_with(".narinfo") || k == "nix-cache-info" {
+            assert_eq!(
+                first_seen.get(k),
+                Some(v),
+                "{k} changed after it was first seen"
+            );
+        }
+    }
+
+    // Every narinfo is there, valid, signed by one of the writers, its NAR present.
+    let http = format!("{}/{BUCKET}/{prefix}", sw.endpoint());
+    let names = [
+        "e2e-writer-a.example.org-1:".to_owned(),
+        "e2e-writer-b.example.org-1:".to_owned(),
+    ];
+    for p in &union {
+        let key = format!("{}.narinfo", hash_part(p));
+        assert!(last.contains_key(&key), "no narinfo for {p}");
+        let (status, _, text) = curl("GET", &format!("{http}/{key}"));
+        assert_eq!(status, 200, "{key}");
+        let ni = parse_narinfo(&text);
+        assert_eq!(ni["StorePath"], vec![p.clone()], "{text}");
+        let sigs = ni.get("Sig").cloned().unwrap_or_default();
+        assert!(
+            sigs.iter()
+                .any(|s| names.iter().any(|n| s.starts_with(n.as_str()))),
+            "{key} not signed by a writer:\n{text}"
+        );
+        let url = &ni["URL"][0];
+        assert!(last.contains_key(url), "{key} points to missing {url}");
+        let ext = match ni["Compression"][0].as_str() {
+            "zstd" => ".nar.zst",
+            "xz" => ".nar.xz",
+            other => panic!("compression {other} in {text}"),
+        };
+        assert!(url.ends_with(ext), "{text}");
+    }
+
+    // Nix agrees: it substitutes both closures, checking every signature and hash.
+    let root = tmp.path().join("root");
+    let copy = nix_copy_from(
+        &http,
+        &root,
+        &[key_a.public_key(), key_b.public_key()],
+        &roots,
+    );
+    assert_substituted(&root, &union.iter().cloned().collect::<Vec<_>>(), &copy);
+}
