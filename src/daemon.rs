@@ -40,6 +40,8 @@ const MAX_CONNECTIONS: usize = 128;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 const LAST_ERRORS: usize = 20;
 const RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
+/// How long a nudged worker waits for more requests before it starts a pass.
+const GATHER_DELAY: Duration = Duration::from_millis(500);
 
 pub struct Settings {
     pub queue_dir: std::path::PathBuf,
@@ -359,11 +361,20 @@ async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 d
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            // New work while idle starts at once; a failing cache is still given its backoff.
-            _ = shared.nudge.notified(), if outcome == Pass::Idle => {}
+        let nudged = tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            // New work while idle starts soon; a failing cache is still given its backoff.
+            _ = shared.nudge.notified(), if outcome == Pass::Idle => true,
             _ = stop.changed() => return,
+        };
+        if nudged {
+            // Builds finish in bursts: gather what arrives in the next moment into the same
+            // batch, instead of starting a pass (and Nix queries) per request while the hooks
+            // of the burst still wait for their acknowledgements.
+            tokio::select! {
+                _ = tokio::time::sleep(GATHER_DELAY) => {}
+                _ = stop.changed() => return,
+            }
         }
     }
 }
@@ -435,8 +446,10 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     .instrument(span)
     .await;
     if batch_result.is_ok() {
-        for r in &ready {
-            finish(&shared, &r.entry);
+        let entries: Vec<Entry> = ready.iter().map(|r| r.entry.clone()).collect();
+        if let Err(e) = shared.queue.remove_all(&entries) {
+            // They stay and are pushed again later: harmless, everything is present then.
+            warn!(error = %e, "cannot remove finished queue entries");
         }
         return Pass::Progressed;
     }

@@ -11,6 +11,7 @@ pub mod address;
 pub mod config;
 pub mod daemon;
 pub mod formats;
+pub mod hook;
 pub mod pipeline;
 pub mod protocol;
 pub mod push;

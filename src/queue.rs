@@ -252,10 +252,18 @@ impl Queue {
 
     /// Remove a finished entry (durably).
     pub fn remove(&self, entry: &Entry) -> io::Result<()> {
-        match fs::remove_file(self.dir.join(&entry.name)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        self.remove_all(std::slice::from_ref(entry))
+    }
+
+    /// Remove finished entries, flushing the directory once for all of them: a batch of
+    /// hook requests then costs one flush, not one each, and leaves the disk to the hooks.
+    pub fn remove_all(&self, entries: &[Entry]) -> io::Result<()> {
+        for entry in entries {
+            match fs::remove_file(self.dir.join(&entry.name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         sync_dir(&self.dir)
     }
