@@ -8,6 +8,7 @@ mod common;
 mod daemon_support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +17,8 @@ use daemon_support::*;
 
 /// 40 text files referring to each other, 8 small derivations referring to them, 3 random
 /// 8 MB paths (slow enough to be killed in the middle of), and a top referring to all.
-const CRASH_NIX: &str = r#"
+const CRASH_NIX: &str = concat!(
+    r#"
 { salt }:
 let
   n = 40;
@@ -25,14 +27,9 @@ let
     + (if i > 0 then "${builtins.elemAt texts (i - 1)}\n" else "")
     + (if i > 2 then "${builtins.elemAt texts (i / 3)}\n" else ""));
   texts = builtins.genList text n;
-  mk = name: script: builtins.derivation {
-    inherit name salt;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    PATH = "/usr/bin:/bin";
-  };
-  small = i: mk "np-crash-s${toString i}" ''
+"#,
+    nix_mk!(),
+    r#"  small = i: mk "np-crash-s${toString i}" ''
     mkdir $out
     printf '%s\n' ${builtins.elemAt texts (i * 4 + 3)} > $out/ref
     echo ${toString i} > $out/n
@@ -49,7 +46,8 @@ let
     printf '%s\n' ${toString bigs} ${toString smalls} ${builtins.elemAt texts (n - 1)} > $out/refs
   '';
 in { inherit texts top; }
-"#;
+"#
+);
 
 const KILLS: usize = 12;
 
@@ -64,7 +62,7 @@ fn jitter(n: u64) -> u64 {
 
 #[test]
 fn kill_9_at_any_moment_loses_nothing_and_publishes_nothing_incomplete() {
-    let salt = fresh_salt("crash");
+    let salt = unique("crash");
     let (top, _) = nix_build_expr(CRASH_NIX, &salt, &["top"], &[]);
     let top = top[0].clone();
     let texts = nix_eval_paths(CRASH_NIX, &salt, "texts");
@@ -76,6 +74,10 @@ fn kill_9_at_any_moment_loses_nothing_and_publishes_nothing_incomplete() {
     let top_drv = deriver_of(&top);
 
     let setup = Setup::new("batch-entries = 2");
+    // xz keeps the daemon busy for seconds on the random paths, so that the kills below land
+    // while it works however fast the rest of the pipeline gets.
+    let text = fs::read_to_string(&setup.config).expect("config");
+    fs::write(&setup.config, format!("compression = \"xz\"\n{text}")).expect("config");
     // What each entry asks for, and the closure it stands for.
     let mut entries: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     // By hand, before the daemon starts: 2 or 3 paths each, in a scrambled order, every path
@@ -120,7 +122,7 @@ fn kill_9_at_any_moment_loses_nothing_and_publishes_nothing_incomplete() {
                 "entries are waiting: {st}"
             );
         }
-        let delay = Duration::from_millis(50 + 250 * kill as u64 + jitter(200));
+        let delay = Duration::from_millis(50 + 150 * kill as u64 + jitter(150));
         std::thread::sleep(delay);
         daemon.assert_running();
         let queued_at_kill = setup.queued().len();
