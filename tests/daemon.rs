@@ -19,17 +19,13 @@ use daemon_support::*;
 
 /// Fresh derivations for the hook: a chain with a text file, and a derivation with two outputs
 /// (the hook sends `<drv>^*` with Nix 2.8, so the daemon must find both).
-const HOOKED_NIX: &str = r#"
+const HOOKED_NIX: &str = concat!(
+    r#"
 { salt }:
 let
-  mk = name: script: builtins.derivation {
-    inherit name salt;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    PATH = "/usr/bin:/bin";
-  };
-  note = builtins.toFile "np-hook-note" "note ${salt}\n";
+"#,
+    nix_mk!(),
+    r#"  note = builtins.toFile "np-hook-note" "note ${salt}\n";
   a = mk "np-hook-a" "printf 'a %s\\n' \"$salt\" > $out";
   b = mk "np-hook-b" ''
     mkdir $out
@@ -52,7 +48,8 @@ let
     PATH = "/usr/bin:/bin";
   });
 in { inherit a b c multi; }
-"#;
+"#
+);
 
 /// Independent one-file paths.
 const LEAVES_NIX: &str = r#"
@@ -72,7 +69,7 @@ in { l1 = leaf 1; l2 = leaf 2; l3 = leaf 3; l4 = leaf 4; l5 = leaf 5; }
 const HOOK_DRVS: usize = 4;
 
 fn leaves(tag: &str, attrs: &[&str]) -> Vec<String> {
-    let (paths, _) = nix_build_expr(LEAVES_NIX, &fresh_salt(tag), attrs, &[]);
+    let (paths, _) = nix_build_expr(LEAVES_NIX, &unique(tag), attrs, &[]);
     assert_eq!(paths.len(), attrs.len());
     paths
 }
@@ -107,7 +104,7 @@ fn hook_wrapper(setup: &Setup) -> (PathBuf, PathBuf) {
 fn build_hooked(hook: &Path) -> (Vec<String>, Out) {
     let (paths, out) = nix_build_expr(
         HOOKED_NIX,
-        &fresh_salt("hook"),
+        &unique("hook"),
         &["c", "multi"],
         &["--option", "post-build-hook", &hook.display().to_string()],
     );

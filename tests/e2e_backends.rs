@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 
@@ -44,14 +44,6 @@ fn nixpush_s3() -> Command {
         .env("AWS_SECRET_ACCESS_KEY", testbeds::S3_SECRET_KEY)
         .env("AWS_EC2_METADATA_DISABLED", "true");
     c
-}
-
-fn unique(name: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("time")
-        .as_nanos();
-    format!("{name}-{}-{nanos}", std::process::id())
 }
 
 /// `nix copy --from URL --to ROOT PATHS`, trusting only `public_keys`, signatures required.
@@ -79,21 +71,6 @@ fn assert_substituted(root: &Path, paths: &[String], how: &Out) {
             how.report()
         );
     }
-}
-
-/// How many paths a push says it published (`pushed N paths ...`, or 0 for "nothing to push").
-fn pushed_count(out: &Out) -> usize {
-    for l in out.stderr.lines() {
-        if l.starts_with("nothing to push") {
-            return 0;
-        }
-        if let Some(rest) = l.strip_prefix("pushed ") {
-            if let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
-                return n;
-            }
-        }
-    }
-    panic!("no summary line in {}", out.report())
 }
 
 /// `curl` a URL anonymously: status, headers (lower-cased names) and body.
@@ -171,17 +148,7 @@ fn http_push_then_nix_substitutes() {
     );
 
     let to = format!("{url}?token-file={}", token.display());
-    let push = || {
-        run_ok(
-            nixpush()
-                .arg("push")
-                .arg("--to")
-                .arg(&to)
-                .arg("--key-file")
-                .arg(&keys.secret)
-                .arg(&c.small),
-        )
-    };
+    let push = || push(&to, &keys, &c.small);
     let first = push();
     assert_eq!(pushed_count(&first), c.all().len(), "{}", first.report());
     assert!(
@@ -224,17 +191,7 @@ fn s3_push_then_nix_substitutes_over_http() {
     let keys = nixpush_keygen(tmp.path(), "e2e-s3.example.org-1");
     let prefix = unique("s3-cache");
     let to = sw.address(BUCKET, &prefix);
-    let push = || {
-        run_ok(
-            nixpush_s3()
-                .arg("push")
-                .arg("--to")
-                .arg(&to)
-                .arg("--key-file")
-                .arg(&keys.secret)
-                .arg(&c.small),
-        )
-    };
+    let push = || run_ok(&mut push_cmd(nixpush_s3(), &to, &keys, &c.small));
     let first = push();
     assert_eq!(pushed_count(&first), c.all().len(), "{}", first.report());
     assert!(
@@ -281,17 +238,13 @@ fn s3_push_then_nix_substitutes_over_http() {
 
 /// Paths for the concurrency test: a chain of ten, ten independent leaves, and two roots that
 /// both refer to all of those plus one path of their own.
-const OVERLAP_NIX: &str = r#"
+const OVERLAP_NIX: &str = concat!(
+    r#"
 { salt }:
 let
-  mk = name: script: builtins.derivation {
-    inherit name salt;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    PATH = "/usr/bin:/bin";
-  };
-  chain = builtins.foldl' (prev: i: mk "np-chain-${toString i}" ''
+"#,
+    nix_mk!(),
+    r#"  chain = builtins.foldl' (prev: i: mk "np-chain-${toString i}" ''
     { printf 'chain ${toString i} %s\n' "$salt"; ${if prev == null then "" else "echo ${prev};"}
       seq 1 ${toString (2000 * (i + 1))}; } > $out
   '') null (builtins.genList (i: i) 10);
@@ -305,7 +258,8 @@ let
     printf '%s\n' ${mk "np-own-${side}" "printf 'own ${side} %s\\n' \"$salt\" > $out"} > $out/own
   '';
 in { a = root "a"; b = root "b"; }
-"#;
+"#
+);
 
 /// One S3 listing entry: ETag and LastModified.
 type Version = (String, String);
@@ -356,13 +310,7 @@ fn s3_concurrent_pushes_never_rewrite_a_narinfo() {
     // so a rewrite would show in the content (ETag), whatever the timestamps' resolution.
     let key_a = nixpush_keygen(tmp.path(), "e2e-writer-a.example.org-1");
     let key_b = nixpush_keygen(tmp.path(), "e2e-writer-b.example.org-1");
-    let built = run_ok(
-        Command::new("nix-build")
-            .args(["--no-out-link", "--expr", OVERLAP_NIX])
-            .args(["--argstr", "salt", &unique("overlap")])
-            .args(["-A", "a", "-A", "b"]),
-    );
-    let roots: Vec<String> = built.stdout.lines().map(str::to_owned).collect();
+    let (roots, built) = nix_build_expr(OVERLAP_NIX, &unique("overlap"), &["a", "b"], &[]);
     assert_eq!(roots.len(), 2, "{}", built.report());
     let closure_a = closure_of(&roots[0]);
     let closure_b = closure_of(&roots[1]);

@@ -10,47 +10,20 @@
 //! `nix copy` substitutes the closure into a fresh store, signatures required. A second push
 //! finds everything present and uploads nothing.
 //!
-//! The servers are the ones the backend tests use (`backends/tests/support_sftp_gcs`).
+//! The servers are the ones the backend tests use (`backends/tests/support/testbeds.rs`).
 
 #![cfg(all(feature = "sftp", feature = "gcs"))]
 
 mod common;
 
-#[path = "../backends/tests/support_sftp_gcs/mod.rs"]
-mod support_sftp_gcs;
+#[path = "../backends/tests/support/testbeds.rs"]
+mod testbeds;
 
 use std::fs;
 use std::path::Path;
 
 use common::*;
-use support_sftp_gcs as tb;
-
-/// How many paths a push says it published (0 for "nothing to push").
-fn pushed_count(out: &Out) -> usize {
-    for l in out.stderr.lines() {
-        if l.starts_with("nothing to push") {
-            return 0;
-        }
-        if let Some(rest) = l.strip_prefix("pushed ") {
-            if let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
-                return n;
-            }
-        }
-    }
-    panic!("no summary line in {}", out.report())
-}
-
-fn push(to: &str, keys: &KeyPair, root: &str) -> Out {
-    run_ok(
-        nixpush()
-            .arg("push")
-            .arg("--to")
-            .arg(to)
-            .arg("--key-file")
-            .arg(&keys.secret)
-            .arg(root),
-    )
-}
+use testbeds as tb;
 
 /// The cache directory `cache` holds the closure of `root` as Nix would: narinfos that say
 /// what Nix says, signed by `key_name`, and NARs that decompress to `nix-store --dump`.

@@ -123,7 +123,7 @@ fn notifications_until(
 #[test]
 fn socket_activation_and_sd_notify() {
     let setup = Setup::new("");
-    let salt = fresh_salt("activation");
+    let salt = unique("activation");
     let (paths, out) = nix_build_expr(LEAF_NIX, &salt, &["top", "b"], &[]);
     assert_eq!(paths.len(), 2, "{}", out.report());
     let closure = closure_of_all(&paths);

@@ -36,7 +36,7 @@ impl FsBackend {
     pub async fn new(root: PathBuf) -> Result<Self, BackendError> {
         Self::from_params(root, &[])
             .await
-            .map_err(|m| BackendError::new(ErrorKind::Config, "open", "", m))
+            .map_err(BackendError::config)
     }
 
     pub(crate) async fn from_params(
@@ -88,12 +88,7 @@ impl FsBackend {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(TMP_PREFIX));
         if !ok {
-            return Err(BackendError::new(
-                ErrorKind::Config,
-                op,
-                key,
-                "invalid object key",
-            ));
+            return Err(BackendError::invalid_key(op, key));
         }
         Ok(self.root.join(p))
     }

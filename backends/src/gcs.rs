@@ -249,27 +249,12 @@ impl GcsConfig {
         if !prefix.is_empty() && !valid_key(prefix) {
             return Err(format!("{prefix:?} is not a valid prefix"));
         }
-        let mut endpoint = None;
-        let mut credentials = None;
-        let mut anonymous = None;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let slot = match &*k {
-                "endpoint" => &mut endpoint,
-                "credentials" => &mut credentials,
-                "anonymous" => &mut anonymous,
-                "" => return Err("empty parameter name".into()),
-                other => {
-                    return Err(format!(
-                        "unknown parameter {other:?} for a GCS cache \
-                         (known: endpoint, credentials, anonymous)"
-                    ))
-                }
-            };
-            if slot.is_some() {
-                return Err(format!("parameter {k:?} given twice"));
-            }
-            *slot = Some(v.into_owned());
-        }
+        let [endpoint, credentials, anonymous] = crate::query_params(
+            query,
+            "a GCS cache",
+            ["endpoint", "credentials", "anonymous"],
+            false,
+        )?;
         let endpoint = endpoint.unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
         let mut endpoint_url = url::Url::parse(&endpoint)
             .ok()
@@ -350,25 +335,6 @@ fn status_kind(status: StatusCode) -> ErrorKind {
     }
 }
 
-/// A transport failure: anything that did not get as far as a status code.
-fn transport_error(op: &'static str, key: &str, e: reqwest::Error) -> BackendError {
-    let kind = if e.is_builder() {
-        ErrorKind::Config
-    } else if e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode() {
-        ErrorKind::Transient
-    } else {
-        ErrorKind::Other
-    };
-    let mut text = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        src = s.source();
-    }
-    BackendError::new(kind, op, key, text)
-}
-
 /// What an error response says: its status and the message in its JSON body.
 async fn response_error(op: &'static str, key: &str, resp: Response) -> BackendError {
     let status = resp.status();
@@ -444,8 +410,7 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 impl GcsBackend {
     /// Open the cache at `addr`; no request is made.
     pub fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = GcsConfig::parse(addr)
-            .map_err(|m| BackendError::new(ErrorKind::Config, "open", "", m))?;
+        let config = GcsConfig::parse(addr).map_err(BackendError::config)?;
         Self::new(config)
     }
 
@@ -454,7 +419,7 @@ impl GcsBackend {
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(120))
             .build()
-            .map_err(|e| transport_error("open", "", e))?;
+            .map_err(|e| crate::transport_error("open", "", &e))?;
         Ok(Self {
             client,
             config,
@@ -475,12 +440,7 @@ impl GcsBackend {
 
     fn object_name(&self, op: &'static str, key: &str) -> Result<String, BackendError> {
         if !valid_key(key) {
-            return Err(BackendError::new(
-                ErrorKind::Config,
-                op,
-                key,
-                "invalid object key",
-            ));
+            return Err(BackendError::invalid_key(op, key));
         }
         Ok(if self.config.prefix.is_empty() {
             key.to_owned()
@@ -624,7 +584,7 @@ impl GcsBackend {
             .body(body)
             .send()
             .await
-            .map_err(|e| transport_error(op, key, e))?;
+            .map_err(|e| crate::transport_error(op, key, &e))?;
         let status = resp.status();
         if !status.is_success() {
             let mut e = response_error(op, key, resp).await;
@@ -638,7 +598,7 @@ impl GcsBackend {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| transport_error(op, key, e))?;
+            .map_err(|e| crate::transport_error(op, key, &e))?;
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let token = v
             .get("access_token")
@@ -667,7 +627,9 @@ impl GcsBackend {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        req.send().await.map_err(|e| transport_error(op, key, e))
+        req.send()
+            .await
+            .map_err(|e| crate::transport_error(op, key, &e))
     }
 
     /// The token goes only to the configured endpoint's origin.
@@ -817,7 +779,9 @@ impl GcsBackend {
         if self.same_origin(session) {
             self.send(op, key, req).await
         } else {
-            req.send().await.map_err(|e| transport_error(op, key, e))
+            req.send()
+                .await
+                .map_err(|e| crate::transport_error(op, key, &e))
         }
     }
 
@@ -859,7 +823,7 @@ impl GcsBackend {
             let resp = req
                 .send()
                 .await
-                .map_err(|e| transport_error("put", key, e))?;
+                .map_err(|e| crate::transport_error("put", key, &e))?;
             let status = resp.status();
             if status.is_success() {
                 if last + 1 == total {
@@ -973,7 +937,7 @@ impl Backend for GcsBackend {
         let key = key.to_owned();
         Ok(Box::pin(
             resp.bytes_stream()
-                .map_err(move |e| transport_error("get", &key, e)),
+                .map_err(move |e| crate::transport_error("get", &key, &e)),
         ))
     }
 
@@ -1016,7 +980,7 @@ impl Backend for GcsBackend {
             let body = resp
                 .bytes()
                 .await
-                .map_err(|e| transport_error("list", prefix, e))?;
+                .map_err(|e| crate::transport_error("list", prefix, &e))?;
             let v: Value = serde_json::from_slice(&body).map_err(|e| {
                 BackendError::new(
                     ErrorKind::Other,

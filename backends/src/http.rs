@@ -111,25 +111,12 @@ impl HttpConfig {
         }
         let trimmed = base.path().trim_end_matches('/').to_owned();
         base.set_path(&trimmed);
-        let mut token_file = None;
-        let mut basic_file = None;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let slot = match &*k {
-                "token-file" => &mut token_file,
-                "basic-auth-file" => &mut basic_file,
-                "" => return Err("empty parameter name".into()),
-                other => {
-                    return Err(format!(
-                        "unknown parameter {other:?} for an HTTP cache \
-                         (known: token-file, basic-auth-file)"
-                    ))
-                }
-            };
-            if slot.is_some() {
-                return Err(format!("parameter {k:?} given twice"));
-            }
-            *slot = Some(v.into_owned());
-        }
+        let [token_file, basic_file] = crate::query_params(
+            query,
+            "an HTTP cache",
+            ["token-file", "basic-auth-file"],
+            false,
+        )?;
         let read = |param: &str, path: &str| {
             std::fs::read_to_string(path)
                 .map(|s| s.trim().to_owned())
@@ -197,14 +184,13 @@ impl fmt::Debug for HttpBackend {
 impl HttpBackend {
     /// Open the cache at `addr`; no request is made.
     pub fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = HttpConfig::parse(addr)
-            .map_err(|m| BackendError::new(ErrorKind::Config, "open", "", m))?;
+        let config = HttpConfig::parse(addr).map_err(BackendError::config)?;
         Self::new(config)
     }
 
     pub fn new(config: HttpConfig) -> Result<Self, BackendError> {
         if let Some(m) = auth_check(&config.auth) {
-            return Err(BackendError::new(ErrorKind::Config, "open", "", m));
+            return Err(BackendError::config(m));
         }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -212,7 +198,7 @@ impl HttpBackend {
             .read_timeout(Duration::from_secs(120))
             .user_agent(concat!("nixpush/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| BackendError::new(ErrorKind::Config, "open", "", e.to_string()))?;
+            .map_err(|e| BackendError::config(e.to_string()))?;
         Ok(Self { client, config })
     }
 
@@ -222,12 +208,7 @@ impl HttpBackend {
                 .split('/')
                 .all(|s| !s.is_empty() && s != "." && s != "..");
         if !ok {
-            return Err(BackendError::new(
-                ErrorKind::Config,
-                op,
-                key,
-                "invalid object key",
-            ));
+            return Err(BackendError::invalid_key(op, key));
         }
         let mut u = self.config.base.clone();
         u.path_segments_mut()
@@ -248,26 +229,10 @@ impl HttpBackend {
         key: &str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
-        req.send().await.map_err(|e| transport_err(op, key, &e))
+        req.send()
+            .await
+            .map_err(|e| crate::transport_error(op, key, &e))
     }
-}
-
-fn transport_err(op: &'static str, key: &str, e: &reqwest::Error) -> BackendError {
-    let kind = if e.is_builder() {
-        ErrorKind::Config
-    } else if e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode() {
-        ErrorKind::Transient
-    } else {
-        ErrorKind::Other
-    };
-    let mut message = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cur = c.source();
-    }
-    BackendError::new(kind, op, key, message)
 }
 
 fn status_kind(s: StatusCode) -> ErrorKind {
@@ -366,7 +331,7 @@ impl Backend for HttpBackend {
         let key = key.to_owned();
         Ok(Box::pin(
             resp.bytes_stream()
-                .map_err(move |e| transport_err("get", &key, &e)),
+                .map_err(move |e| crate::transport_error("get", &key, &e)),
         ))
     }
 

@@ -156,6 +156,16 @@ impl BackendError {
         }
     }
 
+    /// A bad address or setting found when opening a cache: [`ErrorKind::Config`].
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Config, "open", "", message)
+    }
+
+    /// A key the backend cannot store: [`ErrorKind::Config`], "invalid object key".
+    pub(crate) fn invalid_key(op: &'static str, key: &str) -> Self {
+        Self::new(ErrorKind::Config, op, key, "invalid object key")
+    }
+
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
     }
@@ -340,4 +350,58 @@ fn parse_params(addr: &str, query: &str) -> Result<Vec<(String, String)>, OpenEr
             }
         })
         .collect()
+}
+
+/// The parameters of a remote cache's address query (`a=b&c=d`, percent-decoded): the value of
+/// each name in `known`, in that order, `None` where absent. Refuses an empty name, a name not
+/// in `known` (naming `what`, e.g. "an S3 cache", and the known ones) and a name given twice;
+/// with `refuse_empty`, also an empty value.
+#[cfg(any(feature = "s3", feature = "http", feature = "sftp", feature = "gcs"))]
+pub(crate) fn query_params<const N: usize>(
+    query: &str,
+    what: &str,
+    known: [&str; N],
+    refuse_empty: bool,
+) -> Result<[Option<String>; N], String> {
+    let mut values: [Option<String>; N] = std::array::from_fn(|_| None);
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if k.is_empty() {
+            return Err("empty parameter name".into());
+        }
+        let Some(i) = known.iter().position(|n| *n == k) else {
+            return Err(format!(
+                "unknown parameter {k:?} for {what} (known: {})",
+                known.join(", ")
+            ));
+        };
+        if values[i].is_some() {
+            return Err(format!("parameter {k:?} given twice"));
+        }
+        if refuse_empty && v.is_empty() {
+            return Err(format!("parameter {k:?} is empty"));
+        }
+        values[i] = Some(v.into_owned());
+    }
+    Ok(values)
+}
+
+/// A transport failure of an HTTP request (HTTP and GCS backends): anything that did not get as
+/// far as a status code. The message holds the whole chain of causes.
+#[cfg(any(feature = "http", feature = "gcs"))]
+pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -> BackendError {
+    let kind = if e.is_builder() {
+        ErrorKind::Config
+    } else if e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode() {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Other
+    };
+    let mut message = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cur = c.source();
+    }
+    BackendError::new(kind, op, key, message)
 }

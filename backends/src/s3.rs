@@ -143,32 +143,12 @@ impl S3Config {
         if !prefix.is_empty() {
             ObjPath::parse(prefix).map_err(|e| format!("invalid prefix {prefix:?}: {e}"))?;
         }
-        let mut region = None;
-        let mut endpoint = None;
-        let mut profile = None;
-        let mut scheme = None;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let slot = match &*k {
-                "region" => &mut region,
-                "endpoint" => &mut endpoint,
-                "profile" => &mut profile,
-                "scheme" => &mut scheme,
-                "" => return Err("empty parameter name".into()),
-                other => {
-                    return Err(format!(
-                        "unknown parameter {other:?} for an S3 cache \
-                         (known: region, endpoint, profile, scheme)"
-                    ))
-                }
-            };
-            if slot.is_some() {
-                return Err(format!("parameter {k:?} given twice"));
-            }
-            if v.is_empty() {
-                return Err(format!("parameter {k:?} is empty"));
-            }
-            *slot = Some(v.into_owned());
-        }
+        let [region, endpoint, profile, scheme] = crate::query_params(
+            query,
+            "an S3 cache",
+            ["region", "endpoint", "profile", "scheme"],
+            true,
+        )?;
         if let Some(s) = &scheme {
             if s != "http" && s != "https" {
                 return Err(format!("scheme must be http or https, not {s:?}"));
@@ -456,15 +436,16 @@ impl fmt::Debug for S3Backend {
 impl S3Backend {
     /// Open the cache at `addr` (`s3://...`), with credentials from the environment.
     pub async fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = S3Config::parse(addr)
-            .map_err(|m| BackendError::new(ErrorKind::Config, "open", "", m))?;
+        let config = S3Config::parse(addr).map_err(BackendError::config)?;
         Self::new(config, S3Credentials::Environment).await
     }
 
     /// No request is made: a wrong bucket or key shows on the first operation.
     pub async fn new(config: S3Config, credentials: S3Credentials) -> Result<Self, BackendError> {
-        let config_err = |m: String| BackendError::new(ErrorKind::Config, "open", "", m);
-        let provider = credentials.provider(&config).await.map_err(config_err)?;
+        let provider = credentials
+            .provider(&config)
+            .await
+            .map_err(BackendError::config)?;
         let mut client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(10))
             // A whole request, one part included: 8 MiB at 256 kbit/s.
@@ -493,7 +474,7 @@ impl S3Backend {
         let store = builder
             .with_client_options(client)
             .build()
-            .map_err(|e| config_err(e.to_string()))?;
+            .map_err(|e| BackendError::config(e.to_string()))?;
         Ok(Self {
             store: Arc::new(store),
             config,
@@ -524,7 +505,7 @@ impl S3Backend {
         ObjPath::parse(&full)
             .ok()
             .filter(|_| !key.is_empty() && !key.ends_with('/'))
-            .ok_or_else(|| BackendError::new(ErrorKind::Config, op, key, "invalid object key"))
+            .ok_or_else(|| BackendError::invalid_key(op, key))
     }
 
     async fn put_single(

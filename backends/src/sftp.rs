@@ -196,27 +196,12 @@ impl SftpConfig {
             return Err("the path must not contain `..`".into());
         }
 
-        let mut identity = None;
-        let mut known_hosts = None;
-        let mut accept_any = None;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let slot = match &*k {
-                "identity" => &mut identity,
-                "known-hosts" => &mut known_hosts,
-                "insecure-accept-any-host-key" => &mut accept_any,
-                "" => return Err("empty parameter name".into()),
-                other => {
-                    return Err(format!(
-                        "unknown parameter {other:?} for an SFTP cache \
-                         (known: identity, known-hosts, insecure-accept-any-host-key)"
-                    ))
-                }
-            };
-            if slot.is_some() {
-                return Err(format!("parameter {k:?} given twice"));
-            }
-            *slot = Some(v.into_owned());
-        }
+        let [identity, known_hosts, accept_any] = crate::query_params(
+            query,
+            "an SFTP cache",
+            ["identity", "known-hosts", "insecure-accept-any-host-key"],
+            false,
+        )?;
         let accept_any = match accept_any.as_deref() {
             None | Some("false") => false,
             Some("true") => true,
@@ -819,8 +804,7 @@ impl Source {
 impl SftpBackend {
     /// Open the cache at `addr`; no request is made.
     pub fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = SftpConfig::parse(addr)
-            .map_err(|m| BackendError::new(ErrorKind::Config, "open", "", m))?;
+        let config = SftpConfig::parse(addr).map_err(BackendError::config)?;
         Ok(Self::new(config))
     }
 
@@ -845,12 +829,7 @@ impl SftpBackend {
 
     fn path_of(&self, op: &'static str, key: &str) -> Result<String, BackendError> {
         if !valid_key(key) {
-            return Err(BackendError::new(
-                ErrorKind::Config,
-                op,
-                key,
-                "invalid object key",
-            ));
+            return Err(BackendError::invalid_key(op, key));
         }
         Ok(self.remote(key))
     }

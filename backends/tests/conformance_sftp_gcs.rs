@@ -1,13 +1,13 @@
 //! The SFTP and GCS backends on real servers: OpenSSH's sshd and fake-gcs-server, started by
-//! `support_sftp_gcs`. Beyond the shared conformance suite, the things only these backends
-//! have: host keys, SSH keys and agents, reconnection, objects landing as files on the server;
+//! `support/testbeds.rs`. Beyond the shared conformance suite (run on them in
+//! `big_sftp_gcs.rs`), the things only these backends have: host keys, SSH keys and agents, reconnection, objects landing as files on the server;
 //! GCS tokens (a service account's JWT, checked against a local token endpoint), refused
 //! credentials, missing buckets and pagination.
 
 // Needs both backends compiled in (the default).
 #![cfg(all(feature = "sftp", feature = "gcs"))]
 
-mod support_sftp_gcs;
+mod support;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,83 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt as _;
 use nixpush_backends::gcs::{GcsBackend, GcsConfig, GcsCredentials};
 use nixpush_backends::sftp::{HostKeyCheck, SftpAuth, SftpBackend, SftpConfig};
-use nixpush_backends::{
-    Backend, BackendError, BackendExt as _, Body, ErrorKind, OpenError, PutMode, PutOptions,
-};
-use support_sftp_gcs as tb;
-
-fn opts(mode: PutMode) -> PutOptions {
-    PutOptions {
-        mode,
-        content_type: "application/octet-stream",
-    }
-}
-
-fn expect_kind<T: std::fmt::Debug>(
-    r: Result<T, BackendError>,
-    kind: ErrorKind,
-    what: &str,
-) -> String {
-    match r {
-        Err(e) => {
-            assert_eq!(e.kind, kind, "{what}: wrong kind in {e}");
-            e.to_string()
-        }
-        Ok(v) => panic!("{what}: expected {kind:?}, got Ok({v:?})"),
-    }
-}
-
-/// A staged file of `len` bytes of a simple pattern.
-fn staged(len: usize, seed: u8) -> tempfile::TempPath {
-    let mut f = tempfile::NamedTempFile::new().expect("temp file");
-    let block: Vec<u8> = (0..65536u32).map(|i| (i as u8) ^ seed).collect();
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(block.len());
-        std::io::Write::write_all(&mut f, &block[..n]).expect("write");
-        left -= n;
-    }
-    f.into_temp_path()
-}
-
-async fn get_all(b: &dyn Backend, key: &str) -> Bytes {
-    b.get_bytes(key, 64 << 20)
-        .await
-        .unwrap_or_else(|e| panic!("get {key}: {e}"))
-}
-
-async fn get_len(b: &dyn Backend, key: &str) -> u64 {
-    let mut s = b
-        .get(key)
-        .await
-        .unwrap_or_else(|e| panic!("get {key}: {e}"));
-    let mut n = 0u64;
-    while let Some(c) = s.try_next().await.expect("read") {
-        n += c.len() as u64;
-    }
-    n
-}
-
-/// Every file below `dir`, relative, sorted.
-fn files_below(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
+use nixpush_backends::{Backend, Body, ErrorKind, PutMode};
+use support::suite::*;
+use support::testbeds as tb;
 
 // ---------------------------------------------------------------------------------------------
 // SFTP
@@ -321,7 +249,7 @@ async fn sftp_authenticates_with_ssh_agent() {
 
 #[tokio::test]
 async fn sftp_unreachable_server_is_transient() {
-    let port = tb::free_port();
+    let port = tb::closed_port();
     let b = nixpush_backends::open(&format!(
         "sftp://u@127.0.0.1:{port}/c?insecure-accept-any-host-key=true"
     ))
@@ -329,15 +257,7 @@ async fn sftp_unreachable_server_is_transient() {
     .expect("open makes no request");
     let started = std::time::Instant::now();
     expect_kind(b.exists("k").await, ErrorKind::Transient, "exists");
-    expect_kind(
-        b.put("k", Body::Bytes("x".into()), opts(PutMode::Create))
-            .await,
-        ErrorKind::Transient,
-        "put",
-    );
-    expect_kind(b.get("k").await.map(|_| ()), ErrorKind::Transient, "get");
-    expect_kind(b.list("").await, ErrorKind::Transient, "list");
-    expect_kind(b.delete("k").await, ErrorKind::Transient, "delete");
+    expect_ops_fail(&*b, ErrorKind::Transient).await;
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
@@ -418,14 +338,7 @@ async fn sftp_addresses_are_checked_when_opened() {
             "/nonexistent/kh",
         ),
     ] {
-        match nixpush_backends::open(addr).await {
-            Err(OpenError::Invalid(a, m)) => {
-                assert_eq!(a, addr);
-                assert!(m.contains(needle), "{addr}: {m:?} does not name {needle:?}");
-            }
-            Err(e) => panic!("{addr}: wrong error {e}"),
-            Ok(b) => panic!("{addr}: opened {b:?}"),
-        }
+        expect_invalid(addr, needle).await;
     }
 }
 
@@ -543,19 +456,13 @@ async fn gcs_missing_bucket_is_config() {
 
 #[tokio::test]
 async fn gcs_unreachable_server_is_transient() {
-    let port = tb::free_port();
+    let port = tb::closed_port();
     let b = nixpush_backends::open(&format!(
         "gs://bucket?endpoint=http://127.0.0.1:{port}&anonymous=true"
     ))
     .await
     .unwrap();
     expect_kind(b.exists("k").await, ErrorKind::Transient, "exists");
-    expect_kind(
-        b.put("k", Body::Bytes("x".into()), opts(PutMode::Create))
-            .await,
-        ErrorKind::Transient,
-        "put",
-    );
     expect_kind(
         b.put(
             "k",
@@ -566,9 +473,7 @@ async fn gcs_unreachable_server_is_transient() {
         ErrorKind::Transient,
         "resumable put",
     );
-    expect_kind(b.get("k").await.map(|_| ()), ErrorKind::Transient, "get");
-    expect_kind(b.list("").await, ErrorKind::Transient, "list");
-    expect_kind(b.delete("k").await, ErrorKind::Transient, "delete");
+    expect_ops_fail(&*b, ErrorKind::Transient).await;
 }
 
 #[tokio::test]
@@ -581,14 +486,7 @@ async fn gcs_addresses_are_checked_when_opened() {
         ),
         ("gs://bucket?credentials=/x&anonymous=true", "not both"),
     ] {
-        match nixpush_backends::open(addr).await {
-            Err(OpenError::Invalid(a, m)) => {
-                assert_eq!(a, addr);
-                assert!(m.contains(needle), "{addr}: {m:?} does not name {needle:?}");
-            }
-            Err(e) => panic!("{addr}: wrong error {e}"),
-            Ok(b) => panic!("{addr}: opened {b:?}"),
-        }
+        expect_invalid(addr, needle).await;
     }
 }
 
@@ -841,15 +739,7 @@ async fn gcs_refused_credentials_are_permission() {
     .unwrap();
     let msg = expect_kind(b.exists("k").await, ErrorKind::Permission, "exists");
     assert!(msg.contains("invalid_grant"), "{msg}");
-    expect_kind(
-        b.put("k", Body::Bytes("x".into()), opts(PutMode::Create))
-            .await,
-        ErrorKind::Permission,
-        "put",
-    );
-    expect_kind(b.get("k").await.map(|_| ()), ErrorKind::Permission, "get");
-    expect_kind(b.list("").await, ErrorKind::Permission, "list");
-    expect_kind(b.delete("k").await, ErrorKind::Permission, "delete");
+    expect_ops_fail(&b, ErrorKind::Permission).await;
     assert!(
         server.requests().iter().all(|r| r.path == "/token"),
         "nothing may reach storage without a token"
@@ -905,7 +795,7 @@ async fn gcs_storage_refusal_is_permission() {
 #[tokio::test]
 async fn gcs_unreachable_token_endpoint_is_transient() {
     let dir = tempfile::tempdir().unwrap();
-    let port = tb::free_port();
+    let port = tb::closed_port();
     let (file, _) = service_account(dir.path(), &format!("http://127.0.0.1:{port}/token"));
     let b = nixpush_backends::open(&format!(
         "gs://bucket?credentials={}&endpoint=http://127.0.0.1:{port}",

@@ -162,6 +162,28 @@ pub fn hash_part(path: &str) -> &str {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Derivations for tests.
+
+/// A Nix `let` binding for an expression that takes `salt`: `mk NAME SCRIPT`, a derivation that
+/// `/bin/sh -c SCRIPT` builds, with `salt` in its environment (and so in its hash). For
+/// `concat!` in an expression's text: `concat!("{ salt }:\nlet\n", nix_mk!(), "  a = mk …")`.
+#[allow(unused_macros)] // Each test file uses a different subset of these helpers.
+macro_rules! nix_mk {
+    () => {
+        r#"  mk = name: script: builtins.derivation {
+    inherit name salt;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+    PATH = "/usr/bin:/bin";
+  };
+"#
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use nix_mk;
+
+// ---------------------------------------------------------------------------------------------
 // The test closure.
 
 /// Every derivation takes `salt` (fresh per test process, so parallel or repeated runs of
@@ -240,6 +262,34 @@ pub fn salt() -> &'static str {
             .as_nanos();
         format!("{}-{nanos}", std::process::id())
     })
+}
+
+/// A name unique to this process and call: `NAME-PID-NANOS`.
+pub fn unique(name: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("time")
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// `nix-build --no-out-link --expr EXPR --argstr salt SALT -A a -A b …`, with `extra` options;
+/// the output paths it printed, in order, and the whole output.
+pub fn nix_build_expr(
+    expr: &str,
+    salt: &str,
+    attrs: &[&str],
+    extra: &[&str],
+) -> (Vec<String>, Out) {
+    let mut cmd = Command::new("nix-build");
+    cmd.args(["--no-out-link", "--expr", expr, "--argstr", "salt", salt])
+        .args(extra);
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    let out = run_ok(&mut cmd);
+    let paths: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
+    (paths, out)
 }
 
 /// Build attributes of [`CLOSURE_NIX`] with `nix-build`; their output paths, in order.
@@ -365,6 +415,38 @@ pub fn closure_of(path: &str) -> Vec<String> {
     let mut v: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
     v.sort();
     v
+}
+
+/// `CMD push --to TO --key-file KEYS.secret ROOT`, where `cmd` is [`nixpush`] or one with more
+/// environment.
+pub fn push_cmd(mut cmd: Command, to: &str, keys: &KeyPair, root: &str) -> Command {
+    cmd.arg("push")
+        .arg("--to")
+        .arg(to)
+        .arg("--key-file")
+        .arg(&keys.secret)
+        .arg(root);
+    cmd
+}
+
+/// `nixpush push --to TO --key-file KEYS.secret ROOT`, which must succeed.
+pub fn push(to: &str, keys: &KeyPair, root: &str) -> Out {
+    run_ok(&mut push_cmd(nixpush(), to, keys, root))
+}
+
+/// How many paths a push says it published (`pushed N paths ...`, or 0 for "nothing to push").
+pub fn pushed_count(out: &Out) -> usize {
+    for l in out.stderr.lines() {
+        if l.starts_with("nothing to push") {
+            return 0;
+        }
+        if let Some(rest) = l.strip_prefix("pushed ") {
+            if let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
+                return n;
+            }
+        }
+    }
+    panic!("no summary line in {}", out.report())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -675,9 +757,9 @@ impl RawNarInfo {
     }
 }
 
-/// The `.narinfo` files at the top of a cache directory (none if it does not exist).
-pub fn narinfo_files(cache: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(cache) else {
+/// The names in `dir` that `keep` accepts, sorted (none if `dir` does not exist).
+pub fn dir_names(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut v: Vec<String> = rd
@@ -687,10 +769,15 @@ pub fn narinfo_files(cache: &Path) -> Vec<String> {
                 .to_string_lossy()
                 .into_owned()
         })
-        .filter(|n| n.ends_with(".narinfo"))
+        .filter(|n| keep(n))
         .collect();
     v.sort();
     v
+}
+
+/// The `.narinfo` files at the top of a cache directory (none if it does not exist).
+pub fn narinfo_files(cache: &Path) -> Vec<String> {
+    dir_names(cache, |n| n.ends_with(".narinfo"))
 }
 
 /// Every file below `dir` (relative path → size, mtime, inode), for "nothing changed" checks.

@@ -141,37 +141,12 @@ timeout-ms = 2000
 
     /// Entries waiting in the queue directory (not dot-files, not `rejected/`).
     pub fn queued(&self) -> Vec<String> {
-        let Ok(rd) = fs::read_dir(&self.queue) else {
-            return Vec::new();
-        };
-        let mut v: Vec<String> = rd
-            .map(|e| {
-                e.expect("dir entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .filter(|n| !n.starts_with('.') && n != "rejected")
-            .collect();
-        v.sort();
-        v
+        dir_names(&self.queue, |n| !n.starts_with('.') && n != "rejected")
     }
 
     /// Names in `queue/rejected/`.
     pub fn rejected(&self) -> Vec<String> {
-        let Ok(rd) = fs::read_dir(self.queue.join("rejected")) else {
-            return Vec::new();
-        };
-        let mut v: Vec<String> = rd
-            .map(|e| {
-                e.expect("dir entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        v.sort();
-        v
+        dir_names(&self.queue.join("rejected"), |_| true)
     }
 
     /// Write a queue entry as a careful writer does (dot-file, then rename).
@@ -547,34 +522,6 @@ pub fn deriver_of(path: &str) -> String {
     let d = out.stdout.trim().to_owned();
     assert!(d.ends_with(".drv"), "{}", out.report());
     d
-}
-
-/// A salt unique to this process and call.
-pub fn fresh_salt(tag: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("time")
-        .as_nanos();
-    format!("{tag}-{}-{nanos}", std::process::id())
-}
-
-/// `nix-build --no-out-link --expr EXPR --argstr salt SALT -A a -A b …`, with `extra` options;
-/// the output paths it printed, in order, and the whole output.
-pub fn nix_build_expr(
-    expr: &str,
-    salt: &str,
-    attrs: &[&str],
-    extra: &[&str],
-) -> (Vec<String>, Out) {
-    let mut cmd = Command::new("nix-build");
-    cmd.args(["--no-out-link", "--expr", expr, "--argstr", "salt", salt])
-        .args(extra);
-    for a in attrs {
-        cmd.args(["-A", a]);
-    }
-    let out = run_ok(&mut cmd);
-    let paths: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
-    (paths, out)
 }
 
 /// Store paths of `builtins.toFile` attributes of `expr` (evaluating adds them to the store).
