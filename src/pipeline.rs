@@ -174,6 +174,22 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// The LZMA2 dictionary size of an xz preset (xz(1), "Presets"): 256 KiB at 0, 1 MiB at 1,
+/// 2 MiB at 2, 4 MiB at 3 and 4, 8 MiB at 5 and 6, 16 MiB at 7, 32 MiB at 8, 64 MiB at 9.
+fn xz_dict_size(preset: u32) -> u64 {
+    const MIB: u64 = 1 << 20;
+    match preset & 0x1f {
+        0 => MIB / 4,
+        1 => MIB,
+        2 => 2 * MIB,
+        3 | 4 => 4 * MIB,
+        5 | 6 => 8 * MIB,
+        7 => 16 * MIB,
+        8 => 32 * MIB,
+        _ => 64 * MIB,
+    }
+}
+
 enum Encoder<W: Write> {
     None(W),
     Xz(xz2::write::XzEncoder<W>),
@@ -194,9 +210,16 @@ impl<W: Write> Encoder<W> {
             Compression::Xz => {
                 let preset = level.unwrap_or(6) as u32;
                 if threads > 1 {
+                    // liblzma's default block is 3× the dictionary (24 MiB at -6), so a NAR
+                    // below that compresses on one thread however many it is given. Blocks of
+                    // size/threads, never below the dictionary (where ratio would suffer), put
+                    // every thread to work on mid-size NARs too.
+                    let dict = xz_dict_size(preset);
+                    let block = size_hint.div_ceil(u64::from(threads)).clamp(dict, 3 * dict);
                     let stream = xz2::stream::MtStreamBuilder::new()
                         .threads(threads)
                         .preset(preset)
+                        .block_size(block)
                         .check(xz2::stream::Check::Crc64)
                         .encoder()
                         .map_err(io::Error::other)?;
