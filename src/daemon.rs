@@ -134,6 +134,7 @@ pub async fn run(
         "nixpush daemon started"
     );
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut next_request: u64 = 0;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -142,12 +143,15 @@ pub async fn run(
                 Ok((stream, _)) => {
                     let Ok(permit) = conns.clone().acquire_owned().await else { break };
                     let shared = shared.clone();
+                    // One span per request, numbered, so its log lines can be told apart.
+                    let span = info_span!("request", id = next_request);
+                    next_request += 1;
                     tokio::spawn(async move {
                         let _permit = permit;
                         if tokio::time::timeout(CONNECTION_TIMEOUT, handle(shared, stream)).await.is_err() {
                             debug!("client connection timed out");
                         }
-                    });
+                    }.instrument(span));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
