@@ -542,13 +542,16 @@ async fn resolve(shared: &Arc<Shared>, items: &[Item]) -> Result<Vec<StorePath>,
             Item::Outputs(d) => drvs.push(d.clone()),
         }
     }
-    // The derivations first: asking a missing .drv for its outputs fails like an outage would,
-    // and would be retried forever instead of rejected.
-    let invalid_drvs = store.invalid_paths(&drvs).await.map_err(PushError::from)?;
-    if !invalid_drvs.is_empty() {
-        return Err(not_valid(store, &invalid_drvs));
+    // The named paths and derivations in one query, before anything else: asking a missing
+    // .drv for its outputs fails like an outage would, and would be retried forever instead of
+    // rejected.
+    let named: Vec<StorePath> = roots.iter().chain(&drvs).cloned().collect();
+    let invalid = store.invalid_paths(&named).await.map_err(PushError::from)?;
+    if !invalid.is_empty() {
+        return Err(not_valid(store, &invalid));
     }
     if !drvs.is_empty() {
+        // Outputs that are not built (yet) are left out; the rest are valid by this check.
         let outputs = store
             .derivation_outputs(&drvs)
             .await
@@ -560,10 +563,6 @@ async fn resolve(shared: &Arc<Shared>, items: &[Item]) -> Result<Vec<StorePath>,
             .into_iter()
             .collect();
         roots.extend(outputs.into_iter().filter(|o| !unbuilt.contains(o)));
-    }
-    let invalid = store.invalid_paths(&roots).await.map_err(PushError::from)?;
-    if !invalid.is_empty() {
-        return Err(not_valid(store, &invalid));
     }
     Ok(roots)
 }
