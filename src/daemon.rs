@@ -116,7 +116,9 @@ pub async fn run(
 
     // The watcher only nudges; the worker's periodic rescan catches whatever it misses.
     let _watcher = start_watcher(&shared);
-    let worker = tokio::spawn(worker(shared.clone(), stop_rx.clone()));
+    let worker_rt = WorkerRuntime::new()
+        .map_err(|e| anyhow::anyhow!("cannot start the worker's threads: {e}"))?;
+    let worker = worker_rt.spawn(worker(shared.clone(), stop_rx.clone()));
     let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
     if let Some(interval) = crate::systemd::watchdog_interval() {
         tokio::spawn(async move {
@@ -316,6 +318,74 @@ async fn status_report(shared: &Arc<Shared>) -> StatusReport {
     }
 }
 
+/// How much lower than the rest of the daemon the worker's threads run (a nice increment).
+const WORKER_NICE: i32 = 10;
+
+/// The worker's own runtime, whose threads (and so the compressor threads they start and the
+/// Nix processes they spawn, which inherit it) run at a lower CPU priority than the request
+/// handlers. A post-build-hook waits for its handler and Nix's build loop waits for the hook,
+/// so an acknowledgement must not queue behind compression on a busy machine. This only orders
+/// the daemon's own threads: under systemd the service is a cgroup of its own and competes
+/// with the builds at the weight the unit gives it, whatever its threads' nice values are.
+struct WorkerRuntime(Option<tokio::runtime::Runtime>);
+
+impl WorkerRuntime {
+    fn new() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("nixpush-worker")
+            .on_thread_start(lower_this_threads_priority)
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(rt)))
+    }
+
+    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0
+            .as_ref()
+            .expect("runtime present until drop")
+            .spawn(future)
+    }
+}
+
+impl Drop for WorkerRuntime {
+    fn drop(&mut self) {
+        // Dropped from async code, where a blocking shutdown would panic; by now the worker
+        // has returned, and anything left (an idle connection pool) may simply go.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn lower_this_threads_priority() {
+    #[allow(unsafe_code)]
+    // SAFETY: nice() only changes the scheduling priority of the calling thread (on Linux a
+    // nice value belongs to a thread); it touches no memory of ours. Failure leaves the
+    // priority as it was, which is safe.
+    let r = unsafe { libc::nice(WORKER_NICE) };
+    if r == -1 {
+        // -1 is also a legitimate new value, so this may be a false alarm: only a debug line.
+        debug!(error = %std::io::Error::last_os_error(), "cannot lower a worker thread's priority");
+    }
+}
+
+/// Hand memory freed by the last passes back to the system while the daemon waits: the
+/// allocator keeps up to 16 MiB free per arena so that a push does not fault its buffers in
+/// again for every path (see `tune_malloc` in main.rs), which an idle daemon need not hold.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it is thread-safe and
+    // leaves every allocation in place.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// What one pass over the queue achieved.
 #[derive(Debug, PartialEq, Eq)]
 enum Pass {
@@ -329,6 +399,7 @@ enum Pass {
 
 async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Backoff::new(shared.settings.retry_max_delay);
+    let mut worked_since_idle = false;
     loop {
         if *stop.borrow() {
             return;
@@ -347,6 +418,7 @@ async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             }
         };
+        worked_since_idle |= outcome != Pass::Idle;
         let wait = match outcome {
             Pass::Progressed => {
                 backoff.reset();
@@ -356,6 +428,9 @@ async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Pass::Idle => {
                 backoff.reset();
                 shared.status().retrying = false;
+                if std::mem::take(&mut worked_since_idle) {
+                    release_free_memory();
+                }
                 shared.settings.rescan_interval
             }
             Pass::RetryLater => {

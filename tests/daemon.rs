@@ -891,3 +891,50 @@ fn hook_reads_out_paths_or_drv_path_and_never_fails_the_build() {
         out.report()
     );
 }
+
+/// The worker's threads (and so its compressors and Nix queries) run at a lower priority than
+/// the threads that acknowledge requests, so a hook is never answered late because of a push.
+#[test]
+fn worker_threads_run_below_the_request_handlers() {
+    let setup = Setup::new("");
+    let mut daemon = setup.start();
+    daemon.wait_answering(&setup.socket);
+    let threads = |pid: u32| -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+            // "tid (comm) state ..."; the comm may hold spaces, so split after its ')'.
+            let (head, rest) = stat.rsplit_once(')').unwrap();
+            let comm = head.split_once('(').unwrap().1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // Fields after the comm start at 3 (state); nice is field 19.
+            out.push((comm, fields[19 - 3].parse().unwrap()));
+        }
+        out
+    };
+    let all = threads(daemon.pid());
+    let main_nice = all
+        .iter()
+        .find(|(c, _)| c == "nixpush")
+        .map(|(_, n)| *n)
+        .unwrap_or_else(|| panic!("no main thread in {all:?}"));
+    let workers: Vec<i64> = all
+        .iter()
+        .filter(|(c, _)| c.starts_with("nixpush-worker"))
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(!workers.is_empty(), "no worker threads in {all:?}");
+    for n in workers {
+        assert!(
+            n > main_nice,
+            "worker nice {n} not above main {main_nice}: {all:?}"
+        );
+    }
+    assert!(
+        all.iter()
+            .filter(|(c, _)| c.starts_with("tokio-runtime"))
+            .all(|(_, n)| *n == main_nice),
+        "request handler threads must keep the daemon's priority: {all:?}"
+    );
+    daemon.terminate(Duration::from_secs(20));
+}
