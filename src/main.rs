@@ -20,16 +20,22 @@ fn main() -> ExitCode {
 
 /// glibc's malloc raises its mmap threshold each time a large block is freed, after which the
 /// codecs' multi-MiB buffers come from per-thread arenas and stay there: pushing a 240-path
-/// closure grew to 158 MiB of RSS, where one 4 GiB path needs 25. A fixed threshold keeps large
-/// buffers mmapped, so freeing them returns the memory, and two arenas bound what the rest can
-/// hold. Measured in docs/performance.md. (mimalloc was tried and held far more.)
+/// closure grew to 158 MiB of RSS, where one 4 GiB path needs 25. A fixed threshold stops that
+/// drift, and two arenas bound what the rest can hold. (mimalloc was tried and held far more.)
+///
+/// The threshold is 8 MiB, not lower: every path gets new codec contexts and buffers of a few
+/// MiB, and below the threshold they come back from the arena already faulted in, where an
+/// mmap'd block is zeroed page by page each time. With 256 KiB the 240-path push took 184,000
+/// page faults; with 8 MiB, and free memory kept up to 16 MiB before it is trimmed, 23,000, for
+/// about 15 MiB more RSS (38 → 53 MiB). Measured in docs/performance.md.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_malloc() {
     #[allow(unsafe_code)]
     // SAFETY: mallopt only sets allocator parameters; it runs first thing in main, before any
     // other thread exists, and its failure (return 0) leaves the defaults, which are safe.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
