@@ -9,7 +9,7 @@
 //!    before any upload (unless forced).
 //! 3. A path's NAR is uploaded before its narinfo, and its narinfo only after the narinfos of all
 //!    its references. NARs of many paths are compressed and uploaded at once (bounded by
-//!    `jobs`); a narinfo waits only for its own references.
+//!    `jobs`, largest NAR first); a narinfo waits only for its own references.
 //! 4. The NarHash and NarSize we computed must equal what Nix's database says, or the path is
 //!    refused (the store is corrupt) and nothing of it becomes visible.
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one
@@ -25,7 +25,7 @@ use futures::StreamExt as _;
 use nixpush_backends::{
     Backend, BackendError, BackendExt as _, Body, ErrorKind, PutMode, PutOptions,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info_span, warn, Instrument as _};
 
 use crate::formats::signing::{self, SecretKey};
@@ -386,12 +386,11 @@ impl Pusher {
             store: self.store.clone(),
             backend: self.backend.clone(),
             opts: self.opts.clone(),
-            nar_slots: Semaphore::new(self.opts.jobs.max(1)),
             events,
         });
-        // Futures are built references-first, so every dependency's future exists already;
-        // the semaphore is FIFO, so references also start compressing first.
+        // Futures are built references-first, so every dependency's future exists already.
         let mut futs: HashMap<StorePath, PathFuture> = HashMap::new();
+        let mut slot_senders = HashMap::with_capacity(order.len());
         let mut handles = Vec::with_capacity(order.len());
         for path in order {
             let info = to_push[&path].clone();
@@ -401,11 +400,13 @@ impl Pusher {
                 .filter(|r| **r != info.path)
                 .filter_map(|r| futs.get(r).map(|f| (r.clone(), f.clone())))
                 .collect();
+            let (slot_tx, slot) = oneshot::channel();
+            slot_senders.insert(path.clone(), slot_tx);
             let ctx = ctx.clone();
             let span = info_span!("path", path = %info.path);
             let nar_size = info.nar_size;
             let fut = async move {
-                publish_one(&ctx, &info, deps).await.map_err(|e| {
+                publish_one(&ctx, &info, slot, deps).await.map_err(|e| {
                     (ctx.events)(&Event::Failed {
                         path: info.path.clone(),
                         error: e.to_string(),
@@ -419,6 +420,11 @@ impl Pusher {
             handles.push((path.clone(), nar_size, tokio::spawn(fut.clone())));
             futs.insert(path, fut);
         }
+        tokio::spawn(hand_out_slots(
+            &to_push,
+            slot_senders,
+            Arc::new(Semaphore::new(self.opts.jobs.max(1))),
+        ));
         let mut results = Vec::with_capacity(handles.len());
         for (path, nar_size, handle) in handles {
             let r = handle
@@ -435,8 +441,37 @@ struct Ctx {
     store: Store,
     backend: Arc<dyn Backend>,
     opts: PushOptions,
-    nar_slots: Semaphore,
     events: EventSink,
+}
+
+/// Give out the `jobs` slots for compressing and uploading NARs, largest NAR first, whatever
+/// the topological order. The large NARs then compress while small ones fill the gaps, and a
+/// push does not end with one core compressing a large NAR alone while the other idles
+/// (longest-processing-time-first scheduling). Narinfos keep their order: each still waits
+/// for its references' narinfos, which a slot is never held for.
+fn hand_out_slots(
+    to_push: &BTreeMap<StorePath, PathInfo>,
+    mut senders: HashMap<StorePath, oneshot::Sender<OwnedSemaphorePermit>>,
+    slots: Arc<Semaphore>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut by_size: Vec<(u64, StorePath)> = to_push
+        .values()
+        .map(|i| (i.nar_size, i.path.clone()))
+        .collect();
+    by_size.sort_by(|a, b| b.cmp(a));
+    let order: Vec<oneshot::Sender<OwnedSemaphorePermit>> = by_size
+        .into_iter()
+        .filter_map(|(_, p)| senders.remove(&p))
+        .collect();
+    async move {
+        for tx in order {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            // A path that has already failed has dropped its receiver; the permit comes back.
+            let _ = tx.send(permit);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -452,6 +487,7 @@ pub fn narinfo_key(path: &StorePath) -> String {
 async fn publish_one(
     ctx: &Ctx,
     info: &PathInfo,
+    slot: oneshot::Receiver<OwnedSemaphorePermit>,
     deps: Vec<(StorePath, PathFuture)>,
 ) -> Result<Outcome, PathError> {
     let sd = ctx.store.store_dir();
@@ -459,11 +495,9 @@ async fn publish_one(
 
     // 1. The NAR, under a bounded number of slots.
     let (nar_key, staged_meta) = {
-        let _slot = ctx
-            .nar_slots
-            .acquire()
+        let _slot = slot
             .await
-            .map_err(|e| PathError::Internal(e.to_string()))?;
+            .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
         let source = ctx.store_dir_real.join(info.path.base_name());
         let staging = ctx.backend.staging_dir().map(ToOwned::to_owned);
         let compress = ctx.opts.compress;
