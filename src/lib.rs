@@ -4,7 +4,8 @@
 //! - [`formats`]: what Nix reads, pure (store paths, nixbase32, NAR, narinfo, keys, cache info).
 //! - [`store`]: what we ask the local Nix store (closures and path metadata).
 //! - [`pipeline`]: one store path to one staged, compressed NAR, in one streaming pass.
-//! - [`push`]: which paths to publish, in which order, how many at once.
+//! - [`push`]: which paths to publish, in which order, how many at once; [`presence`]: which
+//!   of them the cache has already.
 //! - the `nixpush-backends` crate: where the objects go.
 
 pub mod address;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod formats;
 pub mod hook;
 pub mod pipeline;
+pub mod presence;
 pub mod protocol;
 pub mod push;
 pub mod queue;

@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
-use futures::StreamExt as _;
 use nixpush_backends::{
     Backend, BackendError, BackendExt as _, Body, ErrorKind, PutMode, PutOptions,
 };
@@ -31,10 +30,8 @@ use tracing::{debug, info_span, warn, Instrument as _};
 use crate::formats::signing::{self, SecretKey};
 use crate::formats::{cache_info, cache_info::CacheInfo, nar, NarInfo, StorePath};
 use crate::pipeline::{self, CompressOptions};
+use crate::presence;
 use crate::store::{PathInfo, Store, StoreError};
-
-/// Existence checks in flight at once, for deciding what the cache already has.
-const EXISTS_CONCURRENCY: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct PushOptions {
@@ -353,26 +350,20 @@ impl Pusher {
         Ok(summary)
     }
 
-    /// Which of `paths` already have a narinfo in the cache.
+    /// Which of `paths` already have a narinfo in the cache (see [`presence`] for how).
     async fn present(&self, paths: &[&PathInfo]) -> Result<HashSet<StorePath>, PushError> {
-        let owned: Vec<StorePath> = paths.iter().map(|i| i.path.clone()).collect();
-        let checks = futures::stream::iter(owned.into_iter().map(|path| {
-            let backend = self.backend.clone();
-            async move {
-                let r = backend.exists(&narinfo_key(&path)).await;
-                (path, r)
-            }
-        }))
-        .buffer_unordered(EXISTS_CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await;
-        let mut present = HashSet::new();
-        for (path, r) in checks {
-            if r.map_err(|e| self.backend_err(e))? {
-                present.insert(path);
-            }
-        }
-        Ok(present)
+        let by_key: HashMap<String, &StorePath> = paths
+            .iter()
+            .map(|i| (narinfo_key(&i.path), &i.path))
+            .collect();
+        let found = presence::present(&*self.backend, by_key.keys().cloned())
+            .await
+            .map_err(|e| self.backend_err(e))?;
+        Ok(found
+            .present
+            .iter()
+            .filter_map(|k| by_key.get(k).map(|p| (*p).clone()))
+            .collect())
     }
 
     async fn publish_all(

@@ -444,6 +444,25 @@ fn s3_concurrent_pushes_never_rewrite_a_narinfo() {
         assert!(url.ends_with(ext), "{text}");
     }
 
+    // A re-push of one root (22 paths, enough to decide presence from a listing) uploads
+    // nothing, and asks one listing page instead of 22 `HEAD`s.
+    let again =
+        run_ok(push_cmd(nixpush_s3(), &to, &key_a, &roots[0]).env("NIXPUSH_LOG", "nixpush=debug"));
+    assert_eq!(pushed_count(&again), 0, "{}", again.report());
+    assert!(
+        again.stderr.lines().any(|l| l.contains("presence decided")
+            && l.contains("present=22")
+            && l.contains("list_requests=1")
+            && l.contains("exists_requests=0")),
+        "{}",
+        again.report()
+    );
+    assert_eq!(
+        list_versions(sw, &prefix),
+        last,
+        "the re-push changed the cache"
+    );
+
     // Nix agrees: it substitutes both closures, checking every signature and hash.
     let root = tmp.path().join("root");
     let copy = nix_copy_from(

@@ -46,6 +46,10 @@
 //!   `Range`), and the next chunk starts there. A failed upload is cancelled; the caller
 //!   retries what is [`ErrorKind::Transient`].
 //! - **Get** streams the response body; **list** follows `nextPageToken` pages.
+//! - **Ordered listing** ([`Backend::list_page`]): one `objects.list` request with
+//!   `startOffset` (inclusive, so a key equal to it is dropped) and `delimiter=/`, so a page
+//!   holds up to [`LIST_PAGE`] names of the cache's top level (narinfos) and each folder (`nar/`,
+//!   from `prefixes`) once, however many objects it holds.
 //! - **Errors**: 401 and 403 are [`ErrorKind::Permission`]; 404 [`ErrorKind::NotFound`]; 412
 //!   [`ErrorKind::AlreadyExists`]; 408, 429 and 5xx, refused connections and timeouts
 //!   [`ErrorKind::Transient`].
@@ -74,7 +78,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, PutMode, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutMode, PutOptions};
 
 pub const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 /// Default token endpoint, for credential files that do not name one.
@@ -86,7 +90,7 @@ pub const RESUMABLE_ABOVE: u64 = 16 << 20;
 /// Bytes per request of a resumable upload: a multiple of 256 KiB, as GCS requires.
 pub const RESUMABLE_CHUNK: usize = 8 << 20;
 /// Objects per page when listing (GCS's maximum).
-pub const LIST_PAGE: u32 = 1000;
+pub const LIST_PAGE: u32 = crate::LIST_PAGE_MAX as u32;
 
 /// How requests authenticate.
 #[derive(Clone)]
@@ -393,7 +397,7 @@ pub struct GcsBackend {
     config: GcsConfig,
     /// The access token and when it expires; locked while a new one is fetched.
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
-    list_page: u32,
+    list_page_size: u32,
 }
 
 impl fmt::Debug for GcsBackend {
@@ -424,14 +428,47 @@ impl GcsBackend {
             client,
             config,
             token: tokio::sync::Mutex::new(None),
-            list_page: LIST_PAGE,
+            list_page_size: LIST_PAGE,
         })
     }
 
-    /// List in pages of `n` objects (default [`LIST_PAGE`]).
+    /// List in pages of `n` objects (default [`LIST_PAGE`], also the most allowed).
     pub fn with_list_page_size(mut self, n: u32) -> Self {
-        self.list_page = n.max(1);
+        self.list_page_size = n.clamp(1, LIST_PAGE);
         self
+    }
+
+    /// One `objects.list` request: the JSON answer, or the error (a 404 means the bucket).
+    async fn list_request(
+        &self,
+        op_key: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Value, BackendError> {
+        let url = self.url(
+            &format!("/storage/v1/b/{}/o", segment(&self.config.bucket)),
+            query,
+        );
+        let resp = self.send("list", op_key, self.client.get(url)).await?;
+        if !resp.status().is_success() {
+            let e = response_error("list", op_key, resp).await;
+            return Err(if e.kind == ErrorKind::NotFound {
+                missing_bucket_error(&self.config.bucket, e)
+            } else {
+                e
+            });
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| crate::transport_error("list", op_key, &e))?;
+        serde_json::from_slice(&body).map_err(|e| {
+            BackendError::new(
+                ErrorKind::Other,
+                "list",
+                op_key,
+                format!("bad listing: {e}"),
+            )
+        })
     }
 
     pub fn config(&self) -> &GcsConfig {
@@ -952,7 +989,7 @@ impl Backend for GcsBackend {
         } else {
             self.config.prefix.len() + 1
         };
-        let page = self.list_page.to_string();
+        let page = self.list_page_size.to_string();
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -964,31 +1001,7 @@ impl Backend for GcsBackend {
             if let Some(t) = &token {
                 query.push(("pageToken", t.as_str()));
             }
-            let url = self.url(
-                &format!("/storage/v1/b/{}/o", segment(&self.config.bucket)),
-                &query,
-            );
-            let resp = self.send("list", prefix, self.client.get(url)).await?;
-            if !resp.status().is_success() {
-                let e = response_error("list", prefix, resp).await;
-                return Err(if e.kind == ErrorKind::NotFound {
-                    missing_bucket_error(&self.config.bucket, e)
-                } else {
-                    e
-                });
-            }
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| crate::transport_error("list", prefix, &e))?;
-            let v: Value = serde_json::from_slice(&body).map_err(|e| {
-                BackendError::new(
-                    ErrorKind::Other,
-                    "list",
-                    prefix,
-                    format!("bad listing: {e}"),
-                )
-            })?;
+            let v = self.list_request(prefix, &query).await?;
             for item in v
                 .get("items")
                 .and_then(Value::as_array)
@@ -1008,6 +1021,55 @@ impl Backend for GcsBackend {
                 _ => return Ok(out),
             }
         }
+    }
+
+    async fn list_page(&self, start_after: &str) -> Result<Option<ListPage>, BackendError> {
+        let base = if self.config.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.config.prefix)
+        };
+        let offset = format!("{base}{start_after}");
+        let page = self.list_page_size.to_string();
+        let mut query = vec![
+            ("delimiter", "/"),
+            ("maxResults", page.as_str()),
+            ("fields", "items(name),prefixes,nextPageToken"),
+        ];
+        if !base.is_empty() {
+            query.push(("prefix", base.as_str()));
+        }
+        if !start_after.is_empty() {
+            query.push(("startOffset", offset.as_str()));
+        }
+        let v = self.list_request(start_after, &query).await?;
+        let strings = |field: &str| -> Vec<String> {
+            v.get(field)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|x| match x {
+                    // Folders are plain strings (with their trailing `/`), objects `{"name"}`.
+                    Value::String(s) => Some(s.as_str()),
+                    x => x.get("name").and_then(Value::as_str),
+                })
+                .filter_map(|n| n.strip_prefix(base.as_str()))
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let more = v
+            .get("nextPageToken")
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty());
+        // `startOffset` is inclusive: `assemble_page` drops a key equal to it.
+        Ok(Some(crate::assemble_page(
+            start_after,
+            strings("items"),
+            strings("prefixes"),
+            more,
+            self.list_page_size as usize,
+        )))
     }
 
     async fn delete(&self, key: &str) -> Result<(), BackendError> {

@@ -95,6 +95,18 @@ pub struct PutOptions {
     pub content_type: &'static str,
 }
 
+/// The most entries [`Backend::list_page`] returns in one page (S3's and GCS's own maximum).
+pub const LIST_PAGE_MAX: usize = 1000;
+
+/// One page of an ordered listing; see [`Backend::list_page`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// Keys (or folders `dir/`), strictly ascending by bytes.
+    pub keys: Vec<String>,
+    /// No key sorts after the last of `keys` (after `start_after` if `keys` is empty).
+    pub complete: bool,
+}
+
 /// Error kinds, by what a caller can do about them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -186,6 +198,26 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Remove `key`; removing an absent key succeeds.
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
+
+    /// One page of the cache's keys in order, in **one request**: up to [`LIST_PAGE_MAX`]
+    /// entries that sort strictly after `start_after` (byte order), ascending, and whether the
+    /// listing ends with them. Keys are relative to the cache, as everywhere in this trait.
+    ///
+    /// Keys without a `/` always appear themselves. Keys below a "folder" may be grouped: all
+    /// of `nar/…` then appears as the one entry `nar/` (ending in `/`), in its place in the
+    /// order, at most once, and not always (SeaweedFS leaves it out of a page that starts at
+    /// its bare name, `nar`); callers must not rely on keys with a `/`. So a page says, for
+    /// every key without a `/` from `start_after` (exclusive) up to its last entry (inclusive),
+    /// whether it exists; and with [`ListPage::complete`], for every such key after
+    /// `start_after`.
+    ///
+    /// `Ok(None)`, without any request: this store cannot list in key order with one request a
+    /// page (the default; a local directory answers `exists` with a `stat`, SFTP and HTTP cannot
+    /// list in order). Callers then use [`Backend::exists`].
+    async fn list_page(&self, start_after: &str) -> Result<Option<ListPage>, BackendError> {
+        let _ = start_after;
+        Ok(None)
+    }
 
     /// Make everything `put` so far durable across a power loss. Stores where a returned `put`
     /// is already durable (every remote one) need not override this. Callers call it before
@@ -385,6 +417,39 @@ pub(crate) fn query_params<const N: usize>(
     Ok(values)
 }
 
+/// A [`ListPage`] from one listing response: `objects` (keys), `folders` (`dir/`) and whether
+/// the store said more follows, all relative to the cache. Keeps what sorts after
+/// `start_after`, in order, at most `size` entries. A page that is not the end is cut after its
+/// last object: some servers send every folder after the offset on every page, however few
+/// objects the page holds (fake-gcs-server does), and a folder past the last object would
+/// claim the objects in between absent. What is cut comes again on the next page.
+#[cfg(any(feature = "s3", feature = "gcs"))]
+pub(crate) fn assemble_page(
+    start_after: &str,
+    objects: Vec<String>,
+    folders: Vec<String>,
+    more: bool,
+    size: usize,
+) -> ListPage {
+    let last_object = objects.iter().max().cloned();
+    let mut keys: Vec<String> = objects
+        .into_iter()
+        .chain(folders)
+        .filter(|k| k.as_str() > start_after)
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut complete = !more;
+    if let (false, Some(last)) = (complete, last_object) {
+        keys.retain(|k| *k <= last);
+    }
+    if keys.len() > size {
+        keys.truncate(size);
+        complete = false;
+    }
+    ListPage { keys, complete }
+}
+
 /// A transport failure of an HTTP request (HTTP and GCS backends): anything that did not get as
 /// far as a status code. The message holds the whole chain of causes.
 #[cfg(any(feature = "http", feature = "gcs"))]
@@ -404,4 +469,37 @@ pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -
         cur = c.source();
     }
     BackendError::new(kind, op, key, message)
+}
+
+#[cfg(all(test, any(feature = "s3", feature = "gcs")))]
+mod tests {
+    use super::*;
+
+    fn v(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn pages_are_ordered_exclusive_and_cut_after_their_last_object() {
+        // As fake-gcs-server answers `startOffset=c&maxResults=3`: its offset is inclusive,
+        // and every folder after it comes on every page.
+        let p = assemble_page(
+            "c",
+            v(&["c", "m", "p"]),
+            v(&["list/", "nar/", "z/"]),
+            true,
+            1000,
+        );
+        assert_eq!(p.keys, v(&["list/", "m", "nar/", "p"]));
+        assert!(!p.complete);
+        // The last page keeps its folders.
+        let p = assemble_page("r", v(&["s"]), v(&["z/"]), false, 1000);
+        assert_eq!((p.keys, p.complete), (v(&["s", "z/"]), true));
+        // A page of folders only is taken as it is.
+        let p = assemble_page("", vec![], v(&["b/", "a/"]), true, 1000);
+        assert_eq!((p.keys, p.complete), (v(&["a/", "b/"]), false));
+        // Never more than asked for: what is cut comes on the next page.
+        let p = assemble_page("", v(&["a", "b", "c"]), v(&["a/"]), false, 2);
+        assert_eq!((p.keys, p.complete), (v(&["a", "a/"]), false));
+    }
 }

@@ -57,6 +57,9 @@
 //!   under [`MEMORY_BUDGET`]: a part or a single-PUT file takes its share of a semaphore before
 //!   it is read and gives it back when the store has it (a part larger than the whole budget,
 //!   for files over 640 GiB, takes all of it).
+//! - **Ordered listing** ([`Backend::list_page`]): one ListObjectsV2 request with `start-after`
+//!   and `delimiter=/`, so a page holds up to 1000 keys of the cache's top level (narinfos) and
+//!   each folder (`nar/`) once, however many keys it holds.
 //! - **Retries**: object_store retries connection failures, 5xx and throttling with exponential
 //!   backoff, for at most [`RETRY_TIMEOUT`] and [`MAX_RETRIES`] times per request (shorter than
 //!   its defaults: the caller retries too, and a down cache should be reported within seconds).
@@ -76,6 +79,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AwsCredential, AwsCredentialProvider};
+use object_store::list::{PaginatedListOptions, PaginatedListStore as _};
 use object_store::path::Path as ObjPath;
 use object_store::{
     Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt as _,
@@ -84,7 +88,7 @@ use object_store::{
 use tokio::io::AsyncReadExt as _;
 use tracing::debug;
 
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, PutMode, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutMode, PutOptions};
 
 /// Staged files up to this size go up in one PUT (read whole into memory), so they can be
 /// created if absent.
@@ -423,6 +427,8 @@ pub struct S3Backend {
     config: S3Config,
     /// [`MEMORY_BUDGET`] in MiB permits.
     memory: Arc<tokio::sync::Semaphore>,
+    /// `max-keys` of a [`Backend::list_page`] request; `None`: the store's default (1000 on S3).
+    list_page_size: Option<usize>,
 }
 
 impl fmt::Debug for S3Backend {
@@ -479,7 +485,14 @@ impl S3Backend {
             store: Arc::new(store),
             config,
             memory: Arc::new(tokio::sync::Semaphore::new((MEMORY_BUDGET >> 20) as usize)),
+            list_page_size: None,
         })
+    }
+
+    /// Ask for pages of at most `n` entries in [`Backend::list_page`] (tests use small pages).
+    pub fn with_list_page_size(mut self, n: usize) -> Self {
+        self.list_page_size = Some(n.clamp(1, crate::LIST_PAGE_MAX));
+        self
     }
 
     /// Room in [`MEMORY_BUDGET`] for `len` bytes (whole MiB, capped at the budget).
@@ -720,6 +733,58 @@ impl Backend for S3Backend {
             }
         }
         Ok(out)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = "s3"))]
+    async fn list_page(&self, start_after: &str) -> Result<Option<ListPage>, BackendError> {
+        // The listing's prefix ends with `/` (S3 prefixes are plain string prefixes), and so
+        // does every folder (CommonPrefix) it returns.
+        let base = if self.config.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.config.prefix)
+        };
+        let opts = PaginatedListOptions {
+            offset: (!start_after.is_empty()).then(|| format!("{base}{start_after}")),
+            delimiter: Some("/".into()),
+            max_keys: self.list_page_size,
+            ..Default::default()
+        };
+        let page = self
+            .store
+            .list_paginated((!base.is_empty()).then_some(base.as_str()), opts)
+            .await
+            .map_err(|e| match e {
+                // A key in the bucket that object_store will not represent (`a//b`): the
+                // listing is unusable, the address is not wrong.
+                object_store::Error::InvalidPath { .. } => BackendError::new(
+                    ErrorKind::Other,
+                    "list",
+                    start_after,
+                    format!("unusable listing: {}", error_text(&e)),
+                ),
+                e => map_err("list", start_after, e),
+            })?;
+        let objects = page
+            .result
+            .objects
+            .iter()
+            .filter_map(|m| self.strip(m.location.as_ref()).map(str::to_owned))
+            .collect();
+        // object_store drops a folder's trailing `/`; put it back.
+        let folders = page
+            .result
+            .common_prefixes
+            .iter()
+            .filter_map(|p| self.strip(p.as_ref()).map(|f| format!("{f}/")))
+            .collect();
+        Ok(Some(crate::assemble_page(
+            start_after,
+            objects,
+            folders,
+            page.page_token.is_some(),
+            self.list_page_size.unwrap_or(crate::LIST_PAGE_MAX),
+        )))
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = "s3"))]

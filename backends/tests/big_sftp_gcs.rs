@@ -13,6 +13,9 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use nixpush_backends::gcs::{GcsBackend, GcsConfig};
 
 use support::suite::*;
 use support::testbeds as tb;
@@ -47,13 +50,16 @@ async fn gcs_conformance_under_a_prefix() {
     let _serial = SERIAL.lock().await;
     let Some(g) = tb::fake_gcs() else { return };
     g.create_bucket("big");
-    let b = nixpush_backends::open(&g.address("big", &tb::unique("p")))
-        .await
-        .expect("open");
+    // Listing pages of four entries, so that the suite's objects take several.
+    let b =
+        GcsBackend::new(GcsConfig::parse(&g.address("big", &tb::unique("p"))).expect("address"))
+            .expect("open")
+            .with_list_page_size(4);
     suite(
-        b,
+        Arc::new(b),
         Caps {
             big_rewrite: true,
+            list_page: Some(4),
             ..FULL
         },
     )
@@ -69,5 +75,12 @@ async fn gcs_conformance_at_a_bucket_root() {
     let b = nixpush_backends::open(&g.address(&bucket, ""))
         .await
         .expect("open");
-    suite(b, FULL).await;
+    suite(
+        b,
+        Caps {
+            list_page: Some(1000),
+            ..FULL
+        },
+    )
+    .await;
 }

@@ -52,13 +52,28 @@ async fn fs_conformance() {
     suite(Arc::new(b), FULL).await;
 }
 
+/// Listing pages of four entries, so that the suite's objects take several.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_conformance_under_a_prefix() {
     let Some(sw) = testbeds::seaweedfs() else {
         return;
     };
     sw.create_bucket("conformance");
-    suite(s3(sw, "conformance", &unique("suite/prefixed")).await, FULL).await;
+    let b = S3Backend::new(
+        s3_config(sw, "conformance", &unique("suite/prefixed")),
+        test_keys(),
+    )
+    .await
+    .expect("open S3 backend")
+    .with_list_page_size(4);
+    suite(
+        Arc::new(b),
+        Caps {
+            list_page: Some(4),
+            ..FULL
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +83,14 @@ async fn s3_conformance_at_a_bucket_root() {
     };
     let bucket = unique("root").to_lowercase();
     sw.create_bucket(&bucket);
-    suite(s3(sw, &bucket, "").await, FULL).await;
+    suite(
+        s3(sw, &bucket, "").await,
+        Caps {
+            list_page: Some(1000),
+            ..FULL
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

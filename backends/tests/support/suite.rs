@@ -4,7 +4,7 @@
 //! The suite checks the contract written in `nixpush_backends`' crate doc: round trips of small
 //! and large (over 100 MiB, staged) objects with memory staying bounded, create-if-absent
 //! refusing an existing key and leaving it untouched (also when writers race), `exists`,
-//! listing by prefix, delete, and error kinds. What a backend offers beyond the core contract
+//! listing by prefix, ordered listing pages, delete, and error kinds. What a backend offers beyond the core contract
 //! is said by its [`Caps`].
 
 #![allow(dead_code)]
@@ -33,12 +33,16 @@ pub struct Caps {
     /// Also overwrite the large object with another and check that a create over it is refused
     /// and changes nothing (two more transfers of [`BIG_LEN`] bytes; the SFTP and GCS runs).
     pub big_rewrite: bool,
+    /// `Some(n)`: `list_page` is offered, with pages of at most `n` entries and folders grouped
+    /// (`nar/` once); `None`: it answers `None`.
+    pub list_page: Option<usize>,
 }
 
 pub const FULL: Caps = Caps {
     list: true,
     exact_create_race: true,
     big_rewrite: false,
+    list_page: None,
 };
 
 /// Objects over 100 MiB, not a multiple of any part size.
@@ -560,6 +564,8 @@ pub async fn suite(b: Arc<dyn Backend>, caps: Caps) {
         expect_kind(list("list/").await, ErrorKind::Other, "list unsupported");
     }
 
+    list_pages(b, caps).await;
+
     // Delete.
     b.delete("list/a/1").await.expect("delete");
     assert!(!b.exists("list/a/1").await.unwrap());
@@ -647,4 +653,127 @@ pub async fn suite(b: Arc<dyn Backend>, caps: Caps) {
         b.delete("nar/big.nar").await.expect("delete big");
         assert!(!b.exists("nar/big.nar").await.unwrap());
     }
+}
+
+/// Ordered listing pages (`Backend::list_page`), on a cache that holds the suite's objects.
+async fn list_pages(b: &dyn Backend, caps: Caps) {
+    let Some(size) = caps.list_page else {
+        assert!(
+            b.list_page("").await.expect("list_page").is_none(),
+            "list_page is offered but Caps::list_page does not say so"
+        );
+        return;
+    };
+    for i in 0..10 {
+        let k = format!("page-{i:02}");
+        b.put(
+            &k,
+            Body::Bytes(Bytes::from(k.clone())),
+            opts(PutMode::Overwrite),
+        )
+        .await
+        .expect("put for paging");
+    }
+    // What a walk through the pages must show: every key of the cache, relative to it, and
+    // each folder once.
+    let expected: BTreeSet<String> = b
+        .list("")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|k| match k.split_once('/') {
+            Some((folder, _)) => format!("{folder}/"),
+            None => k,
+        })
+        .collect();
+    assert!(
+        expected.contains("nar/") && expected.contains("page-09"),
+        "{expected:?}"
+    );
+    let page = |after: String| async move {
+        let p = b
+            .list_page(&after)
+            .await
+            .unwrap_or_else(|e| panic!("list_page({after:?}): {e}"))
+            .expect("list_page is offered");
+        assert!(
+            p.keys.len() <= size,
+            "{} entries in a page of {size}",
+            p.keys.len()
+        );
+        assert!(
+            p.keys.windows(2).all(|w| w[0] < w[1]),
+            "not strictly ascending: {:?}",
+            p.keys
+        );
+        assert!(
+            p.keys.iter().all(|k| *k > after),
+            "not all after {after:?}: {:?}",
+            p.keys
+        );
+        p
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let mut pages = 0;
+    let mut after = String::new();
+    loop {
+        let p = page(after.clone()).await;
+        pages += 1;
+        seen.extend(p.keys.iter().cloned());
+        if p.complete {
+            break;
+        }
+        after = p
+            .keys
+            .last()
+            .expect("an unfinished page has entries")
+            .clone();
+        assert!(pages <= expected.len(), "the listing never completes");
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "pages overlap: {seen:?}"
+    );
+    assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), expected);
+    if expected.len() > size {
+        assert!(
+            pages >= 2,
+            "{} entries in {pages} page(s) of {size}",
+            expected.len()
+        );
+    } else {
+        assert_eq!(pages, 1);
+    }
+    // `start_after` is exclusive, need not exist, and may be a key's stem (as presence asks).
+    for (after, first) in [
+        ("page-03", "page-04"),
+        ("page-035", "page-04"),
+        ("page-0", "page-00"),
+    ] {
+        let p = page(after.to_owned()).await;
+        assert_eq!(
+            p.keys.first().map(String::as_str),
+            Some(first),
+            "after {after:?}"
+        );
+    }
+    // A folder's keys come as the folder, once, if at all: SeaweedFS leaves out a folder whose
+    // bare name is `start_after` (its filer orders the directory `nar` by that name), which the
+    // contract allows. The next key without a `/` is there either way.
+    let p = page("nar".to_owned()).await;
+    assert!(
+        p.keys.iter().all(|k| k == "nar/" || !k.starts_with("nar/")),
+        "{:?}",
+        p.keys
+    );
+    assert_eq!(
+        p.keys.iter().find(|k| !k.contains('/')).map(String::as_str),
+        Some("page-00"),
+        "{:?}",
+        p.keys
+    );
+    // Past the last key: nothing, and complete.
+    let last = expected.last().expect("keys").clone();
+    let p = page(last).await;
+    assert!(p.keys.is_empty() && p.complete, "{p:?}");
 }
