@@ -105,7 +105,7 @@ mod defaults {
         30
     }
     pub fn batch_entries() -> usize {
-        64
+        256
     }
     pub fn grace_secs() -> u64 {
         30

@@ -135,15 +135,31 @@ pub async fn run(
         cache = %shared.pusher.backend_description(),
         "nixpush daemon started"
     );
+    // The accept loop runs as a task on a runtime thread, not in the caller's `block_on`: a
+    // connection it spawns then starts on the same thread (tokio runs the task spawned last
+    // next), with no hand-over to another thread on the way to the acknowledgement.
+    let server = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx.clone()));
+    shutdown.await;
+    info!("shutting down: no new requests; letting in-flight uploads finish");
+    crate::systemd::notify("STOPPING=1");
+    let _ = stop_tx.send(true);
+    // Returns once the listener is closed.
+    let _ = server.await;
+    ready.abort();
+    let _ = worker.await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut next_request: u64 = 0;
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = stop.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let Ok(permit) = conns.clone().acquire_owned().await else { break };
+                    let Ok(permit) = conns.clone().acquire_owned().await else { return };
                     let shared = shared.clone();
                     // One span per request, numbered, so its log lines can be told apart.
                     let span = info_span!("request", id = next_request);
@@ -163,14 +179,6 @@ pub async fn run(
             }
         }
     }
-    info!("shutting down: no new requests; letting in-flight uploads finish");
-    crate::systemd::notify("STOPPING=1");
-    drop(listener);
-    let _ = stop_tx.send(true);
-    ready.abort();
-    let _ = worker.await;
-    info!("stopped");
-    Ok(())
 }
 
 async fn announce_ready(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -264,7 +272,7 @@ async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
         };
     }
     let queue = shared.queue.clone();
-    let done = tokio::task::spawn_blocking(move || {
+    let write = move || {
         // A path that is not even on disk can never be published: say so now rather than
         // acknowledge it and reject it later. (Validity proper is the worker's to check.)
         let missing: Vec<String> = items
@@ -281,8 +289,14 @@ async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
             )));
         }
         queue.enqueue(&sd, &items).map(Ok)
-    })
-    .await;
+    };
+    // The write blocks for a few milliseconds (two fsyncs). On this thread, with its other
+    // tasks handed to another, the acknowledgement follows it at once; the blocking pool would
+    // add two thread wake-ups to every request, the tail of a hook's latency on a busy machine.
+    let done = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(write)),
+        _ => tokio::task::spawn_blocking(write).await,
+    };
     match done {
         Ok(Ok(Err(message))) => Response::Error { message },
         Ok(Ok(Ok(entry))) => {
@@ -391,8 +405,10 @@ fn release_free_memory() {
 enum Pass {
     /// Nothing to do.
     Idle,
-    /// Entries were finished or rejected; look again at once.
-    Progressed,
+    /// Entries were finished or rejected. With a backlog (the batch was full), look again at
+    /// once; without one, wait for new requests as when idle, so that a stream of hooks is
+    /// gathered into batches rather than met by back-to-back passes and their Nix queries.
+    Progressed { backlog: bool },
     /// Something failed transiently; wait before trying again.
     RetryLater,
 }
@@ -420,10 +436,15 @@ async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         };
         worked_since_idle |= outcome != Pass::Idle;
         let wait = match outcome {
-            Pass::Progressed => {
+            Pass::Progressed { backlog: true } => {
                 backoff.reset();
                 shared.status().retrying = false;
                 continue;
+            }
+            Pass::Progressed { backlog: false } => {
+                backoff.reset();
+                shared.status().retrying = false;
+                shared.settings.rescan_interval
             }
             Pass::Idle => {
                 backoff.reset();
@@ -443,7 +464,7 @@ async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let nudged = tokio::select! {
             _ = tokio::time::sleep(wait) => false,
             // New work while idle starts soon; a failing cache is still given its backoff.
-            _ = shared.nudge.notified(), if outcome == Pass::Idle => true,
+            _ = shared.nudge.notified(), if outcome != Pass::RetryLater => true,
             _ = stop.changed() => return,
         };
         if nudged {
@@ -472,9 +493,11 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     let scanned = tokio::task::spawn_blocking(move || {
         let mut ready = Vec::new();
         let mut rejected = Vec::new();
+        let mut backlog = false;
         let entries = queue.scan()?;
         for entry in entries {
             if ready.len() >= batch_max {
+                backlog = true;
                 break;
             }
             match queue.read(&sd, &entry) {
@@ -483,10 +506,10 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
                 Read::Invalid(reason) => rejected.push((entry, reason)),
             }
         }
-        Ok::<_, std::io::Error>((ready, rejected))
+        Ok::<_, std::io::Error>((ready, rejected, backlog))
     })
     .await;
-    let (ready, invalid) = match scanned {
+    let (ready, invalid, backlog) = match scanned {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             error!(error = %e, "cannot scan the queue directory");
@@ -505,7 +528,7 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     }
     if ready.is_empty() {
         return if progressed {
-            Pass::Progressed
+            Pass::Progressed { backlog }
         } else {
             Pass::Idle
         };
@@ -530,10 +553,22 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
             // They stay and are pushed again later: harmless, everything is present then.
             warn!(error = %e, "cannot remove finished queue entries");
         }
-        return Pass::Progressed;
+        return Pass::Progressed { backlog };
+    }
+    if let Err(f) = &batch_result {
+        if f.transient {
+            // The cache or Nix is unreachable: every entry would fail the same way, so retry
+            // the batch rather than going through it entry by entry.
+            warn!(error = %f.message, "publishing failed; will retry");
+            shared.record_error(f.message.clone());
+            return Pass::RetryLater;
+        }
     }
     if ready.len() == 1 {
-        return settle(&shared, &ready[0].entry, batch_result);
+        return match settle(&shared, &ready[0].entry, batch_result) {
+            Pass::Progressed { .. } => Pass::Progressed { backlog },
+            other => other,
+        };
     }
     let mut any_retry = false;
     for r in &ready {
@@ -551,7 +586,7 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     if any_retry {
         Pass::RetryLater
     } else {
-        Pass::Progressed
+        Pass::Progressed { backlog }
     }
 }
 
@@ -574,7 +609,7 @@ fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Failure>) -> P
     match result {
         Ok(()) => {
             finish(shared, entry);
-            Pass::Progressed
+            Pass::Progressed { backlog: false }
         }
         Err(f) if f.transient => {
             warn!(entry = %entry.name, error = %f.message, "publishing failed; will retry");
@@ -583,7 +618,7 @@ fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Failure>) -> P
         }
         Err(f) => {
             reject(shared, entry, &f.message);
-            Pass::Progressed
+            Pass::Progressed { backlog: false }
         }
     }
 }

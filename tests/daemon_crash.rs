@@ -174,8 +174,9 @@ fn kill_9_at_any_moment_loses_nothing_and_publishes_nothing_incomplete() {
     );
     assert!(
         kills_mid_progress >= 2,
-        "too few kills came after some but not all progress:\n{}",
-        log.join("\n")
+        "too few kills came after some but not all progress:\n{}\ndaemon log:\n{}",
+        log.join("\n"),
+        log_tail(&setup.log)
     );
 
     // Once more, to the end.
