@@ -9,7 +9,8 @@
 //!    before any upload (unless forced).
 //! 3. A path's NAR is uploaded before its narinfo, and its narinfo only after the narinfos of all
 //!    its references. NARs of many paths are compressed and uploaded at once (bounded by
-//!    `jobs`, largest NAR first); a narinfo waits only for its own references.
+//!    `jobs`: one for the largest NAR not yet started, the others references-first); a
+//!    narinfo waits only for its own references.
 //! 4. The NarHash and NarSize we computed must equal what Nix's database says, or the path is
 //!    refused (the store is corrupt) and nothing of it becomes visible.
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one
@@ -372,6 +373,7 @@ impl Pusher {
         events: EventSink,
     ) -> Vec<(StorePath, u64, Result<Outcome, Arc<PathError>>)> {
         let order = topological(&to_push);
+        let spawn_order = order.clone();
         let ctx = Arc::new(Ctx {
             store_dir_real: PathBuf::from(self.store.store_dir().as_str()),
             store: self.store.clone(),
@@ -383,7 +385,7 @@ impl Pusher {
         let mut futs: HashMap<StorePath, PathFuture> = HashMap::new();
         let mut slot_senders = HashMap::with_capacity(order.len());
         let mut handles = Vec::with_capacity(order.len());
-        for path in order {
+        for path in spawn_order {
             let info = to_push[&path].clone();
             let deps: Vec<(StorePath, PathFuture)> = info
                 .references
@@ -413,8 +415,9 @@ impl Pusher {
         }
         tokio::spawn(hand_out_slots(
             &to_push,
+            order,
             slot_senders,
-            Arc::new(Semaphore::new(self.opts.jobs.max(1))),
+            self.opts.jobs.max(1),
         ));
         let mut results = Vec::with_capacity(handles.len());
         for (path, nar_size, handle) in handles {
@@ -435,30 +438,56 @@ struct Ctx {
     events: EventSink,
 }
 
-/// Give out the `jobs` slots for compressing and uploading NARs, largest NAR first, whatever
-/// the topological order. The large NARs then compress while small ones fill the gaps, and a
-/// push does not end with one core compressing a large NAR alone while the other idles
-/// (longest-processing-time-first scheduling). Narinfos keep their order: each still waits
-/// for its references' narinfos, which a slot is never held for.
+/// Give out the `jobs` slots for compressing and uploading NARs. One slot goes to the largest
+/// NAR not yet started, the others to paths in topological order (references first). The
+/// large NARs are then under way from the start, so a push does not end with one core
+/// compressing a large NAR alone while the other idles; and small references keep being
+/// published one after another meanwhile, so a push that is interrupted still gets somewhere
+/// (all slots largest-first would start the same large NARs again after every restart).
 fn hand_out_slots(
     to_push: &BTreeMap<StorePath, PathInfo>,
-    mut senders: HashMap<StorePath, oneshot::Sender<OwnedSemaphorePermit>>,
-    slots: Arc<Semaphore>,
+    topological: Vec<StorePath>,
+    senders: HashMap<StorePath, oneshot::Sender<OwnedSemaphorePermit>>,
+    jobs: usize,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let mut by_size: Vec<(u64, StorePath)> = to_push
+    let mut largest: Vec<(u64, StorePath)> = to_push
         .values()
         .map(|i| (i.nar_size, i.path.clone()))
         .collect();
-    by_size.sort_by(|a, b| b.cmp(a));
-    let order: Vec<oneshot::Sender<OwnedSemaphorePermit>> = by_size
-        .into_iter()
-        .filter_map(|(_, p)| senders.remove(&p))
-        .collect();
+    largest.sort_by(|a, b| b.cmp(a));
+    let largest: Vec<StorePath> = largest.into_iter().map(|(_, p)| p).collect();
+    let unclaimed = Arc::new(std::sync::Mutex::new(senders));
+    let (big, rest) = if jobs >= 2 {
+        (1, jobs - 1)
+    } else {
+        (0, jobs.max(1))
+    };
+    let big = dispatch(largest, unclaimed.clone(), big);
+    let rest = dispatch(topological, unclaimed, rest);
     async move {
-        for tx in order {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
+        futures::join!(big, rest);
+    }
+}
+
+/// Hand `slots` permits to the paths of `order` that nobody has claimed yet, one at a time.
+async fn dispatch(
+    order: Vec<StorePath>,
+    unclaimed: Arc<std::sync::Mutex<HashMap<StorePath, oneshot::Sender<OwnedSemaphorePermit>>>>,
+    slots: usize,
+) {
+    if slots == 0 {
+        return;
+    }
+    let slots = Arc::new(Semaphore::new(slots));
+    for path in order {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let claimed = unclaimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&path);
+        if let Some(tx) = claimed {
             // A path that has already failed has dropped its receiver; the permit comes back.
             let _ = tx.send(permit);
         }
@@ -677,5 +706,56 @@ mod tests {
         let pos = |p: &StorePath| order.iter().position(|x| x == p).unwrap();
         assert_eq!(order.len(), 4);
         assert!(pos(&c) < pos(&b) && pos(&b) < pos(&a) && pos(&a) < pos(&d));
+    }
+
+    #[test]
+    fn one_slot_for_the_largest_nar_the_others_references_first() {
+        let mk = |p: &StorePath, size: u64, refs: &[&StorePath]| PathInfo {
+            path: p.clone(),
+            nar_hash: Sha256([0; 32]),
+            nar_size: size,
+            references: refs.iter().map(|r| (*r).clone()).collect(),
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        // c and b are small leaves, a is small and refers to them, d is large and refers to a.
+        let (a, b, c, d) = (sp("a"), sp("b"), sp("c"), sp("d"));
+        let m: BTreeMap<_, _> = [
+            (a.clone(), mk(&a, 10, &[&b, &c])),
+            (b.clone(), mk(&b, 20, &[&c])),
+            (c.clone(), mk(&c, 30, &[])),
+            (d.clone(), mk(&d, 1000, &[&a])),
+        ]
+        .into_iter()
+        .collect();
+        let order = topological(&m);
+        let mut senders = HashMap::new();
+        let mut receivers = HashMap::new();
+        for p in m.keys() {
+            let (tx, rx) = oneshot::channel();
+            senders.insert(p.clone(), tx);
+            receivers.insert(p.clone(), rx);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dispatcher = tokio::spawn(hand_out_slots(&m, order, senders, 2));
+            let mut take = |p: &StorePath| receivers.remove(p).unwrap();
+            // The large NAR (last in topological order) and the first leaf start at once.
+            let d_slot = take(&d).await.expect("d gets the large-NAR slot");
+            let c_slot = take(&c).await.expect("c gets the other slot");
+            let mut b_rx = take(&b);
+            tokio::task::yield_now().await;
+            assert!(b_rx.try_recv().is_err(), "no third slot while two are held");
+            // Freed slots go on in topological order: b, then a.
+            drop(c_slot);
+            let b_slot = b_rx.await.expect("b next");
+            drop(d_slot);
+            drop(b_slot);
+            take(&a).await.expect("a last");
+            dispatcher.await.unwrap();
+        });
     }
 }
