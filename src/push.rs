@@ -754,7 +754,7 @@ mod tests {
             let b_slot = b_rx.await.expect("b next");
             drop(d_slot);
             drop(b_slot);
-            take(&a).await.expect("a last");
+            let _a_slot = take(&a).await.expect("a last");
             dispatcher.await.unwrap();
         });
     }
