@@ -9,8 +9,9 @@
 //!    before any upload (unless forced).
 //! 3. A path's NAR is uploaded before its narinfo, and its narinfo only after the narinfos of all
 //!    its references. NARs of many paths are compressed and uploaded at once (bounded by
-//!    `jobs`: one for the largest NAR not yet started, the others references-first); a
-//!    narinfo waits only for its own references.
+//!    `jobs`: one for the largest NAR not yet started, the others references-first; a slot
+//!    is held while compressing, not while uploading); a narinfo waits only for its own
+//!    references.
 //! 4. The NarHash and NarSize we computed must equal what Nix's database says, or the path is
 //!    refused (the store is corrupt) and nothing of it becomes visible.
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one
@@ -379,6 +380,7 @@ impl Pusher {
             store: self.store.clone(),
             backend: self.backend.clone(),
             opts: self.opts.clone(),
+            uploads: Semaphore::new(self.opts.jobs.max(1) * UPLOADS_PER_JOB),
             events,
         });
         // Futures are built references-first, so every dependency's future exists already.
@@ -435,8 +437,14 @@ struct Ctx {
     store: Store,
     backend: Arc<dyn Backend>,
     opts: PushOptions,
+    /// Uploads in flight at once ([`UPLOADS_PER_JOB`] per compression slot).
+    uploads: Semaphore,
     events: EventSink,
 }
+
+/// Uploads in flight per compression slot: enough that a slot never waits for a slow upload
+/// to finish before it compresses the next NAR.
+const UPLOADS_PER_JOB: usize = 2;
 
 /// Give out the `jobs` slots for compressing and uploading NARs. One slot goes to the largest
 /// NAR not yet started, the others to paths in topological order (references first). The
@@ -515,7 +523,7 @@ async fn publish_one(
 
     // 1. The NAR, under a bounded number of slots.
     let (nar_key, staged_meta) = {
-        let _slot = slot
+        let slot = slot
             .await
             .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
         let source = ctx.store_dir_real.join(info.path.base_name());
@@ -542,6 +550,16 @@ async fn publish_one(
             compress.compression.nar_extension()
         );
         let meta = (staged.file_hash, staged.file_size);
+        // The slot is for compressing; the upload (a network transfer, or an fdatasync and a
+        // rename) waits on I/O, and holding the slot through it left a core idle for every
+        // path. Taking an upload permit before letting the slot go bounds the staged files
+        // waiting for one when the cache is slower than compression.
+        let _upload = ctx
+            .uploads
+            .acquire()
+            .await
+            .map_err(|e| PathError::Internal(e.to_string()))?;
+        drop(slot);
         debug!(key, file_size = staged.file_size, "uploading NAR");
         ctx.backend
             .put(
