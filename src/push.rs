@@ -700,17 +700,21 @@ mod tests {
         StorePath::from_base_name(&format!("{}-{name}", "0".repeat(31) + &name[..1])).unwrap()
     }
 
-    #[test]
-    fn references_come_first() {
-        let mk = |p: &StorePath, refs: &[&StorePath]| PathInfo {
+    fn info(p: &StorePath, nar_size: u64, refs: &[&StorePath]) -> PathInfo {
+        PathInfo {
             path: p.clone(),
             nar_hash: Sha256([0; 32]),
-            nar_size: 1,
+            nar_size,
             references: refs.iter().map(|r| (*r).clone()).collect(),
             deriver: None,
             sigs: vec![],
             ca: None,
-        };
+        }
+    }
+
+    #[test]
+    fn references_come_first() {
+        let mk = |p: &StorePath, refs: &[&StorePath]| info(p, 1, refs);
         let (a, b, c, d) = (sp("a"), sp("b"), sp("c"), sp("d"));
         let m: BTreeMap<_, _> = [
             (a.clone(), mk(&a, &[&b, &c, &a])),
@@ -728,15 +732,7 @@ mod tests {
 
     #[test]
     fn one_slot_for_the_largest_nar_the_others_references_first() {
-        let mk = |p: &StorePath, size: u64, refs: &[&StorePath]| PathInfo {
-            path: p.clone(),
-            nar_hash: Sha256([0; 32]),
-            nar_size: size,
-            references: refs.iter().map(|r| (*r).clone()).collect(),
-            deriver: None,
-            sigs: vec![],
-            ca: None,
-        };
+        let mk = info;
         // c and b are small leaves, a is small and refers to them, d is large and refers to a.
         let (a, b, c, d) = (sp("a"), sp("b"), sp("c"), sp("d"));
         let m: BTreeMap<_, _> = [
