@@ -27,7 +27,7 @@ fn main() -> ExitCode {
 /// MiB, and below the threshold they come back from the arena already faulted in, where an
 /// mmap'd block is zeroed page by page each time. With 256 KiB the 240-path push took 184,000
 /// page faults; with 8 MiB, and free memory kept up to 16 MiB before it is trimmed, 23,000, for
-/// about 15 MiB more RSS (38 → 53 MiB). Measured in docs/performance.md.
+/// about 20 MiB more peak RSS on that push (38 → 60 MiB). Measured in docs/performance.md.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_malloc() {
     #[allow(unsafe_code)]
