@@ -166,26 +166,8 @@ async fn s3_wrong_secret_is_permission() {
     .await
     .expect("open");
     for b in [&bad, &unknown_key] {
-        expect_kind(
-            b.put("k", Body::Bytes("x".into()), opts(PutMode::Overwrite))
-                .await,
-            ErrorKind::Permission,
-            "put with a wrong secret",
-        );
-        expect_kind(
-            b.put("k", Body::Bytes("x".into()), opts(PutMode::Create))
-                .await,
-            ErrorKind::Permission,
-            "create with a wrong secret",
-        );
         expect_kind(b.exists("present").await, ErrorKind::Permission, "exists");
-        expect_kind(
-            b.get("present").await.map(|_| ()),
-            ErrorKind::Permission,
-            "get",
-        );
-        expect_kind(b.list("").await, ErrorKind::Permission, "list");
-        expect_kind(b.delete("present").await, ErrorKind::Permission, "delete");
+        expect_ops_fail(b, ErrorKind::Permission, "present").await;
     }
     assert!(
         good.exists("present").await.unwrap(),
@@ -201,18 +183,7 @@ async fn s3_missing_bucket_is_config() {
         return;
     };
     let b = s3(sw, "no-such-bucket-here", "").await;
-    expect_kind(
-        b.put("k", Body::Bytes("x".into()), opts(PutMode::Overwrite))
-            .await,
-        ErrorKind::Config,
-        "put into a missing bucket",
-    );
-    expect_kind(
-        b.put("k", Body::Bytes("x".into()), opts(PutMode::Create))
-            .await,
-        ErrorKind::Config,
-        "create in a missing bucket",
-    );
+    expect_ops_fail(&*b, ErrorKind::Config, "k").await;
     let staged = Pattern::new(9, 20 << 20).staged(&*b);
     expect_kind(
         b.put("big", Body::File(staged), opts(PutMode::Overwrite))
@@ -220,9 +191,6 @@ async fn s3_missing_bucket_is_config() {
         ErrorKind::Config,
         "multipart upload into a missing bucket",
     );
-    expect_kind(b.get("k").await.map(|_| ()), ErrorKind::Config, "get");
-    expect_kind(b.list("").await, ErrorKind::Config, "list");
-    expect_kind(b.delete("k").await, ErrorKind::Config, "delete");
     assert!(!b.exists("k").await.unwrap());
     let e = b.get("k").await.map(|_| ()).unwrap_err();
     assert!(e.to_string().contains("NoSuchBucket"), "{e}");

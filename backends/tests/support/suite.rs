@@ -211,18 +211,25 @@ pub fn expect_kind<T: std::fmt::Debug>(
     }
 }
 
-/// Assert that a small create of `k`, a get of it, a listing and its delete each fail with
-/// `kind`.
-pub async fn expect_ops_fail(b: &dyn Backend, kind: ErrorKind) {
+/// Assert that writing `k` (replacing and creating), a get and a delete of `existing` (a key
+/// that may be present, so that a refusal is not mistaken for `NotFound`), and a listing each
+/// fail with `kind`.
+pub async fn expect_ops_fail(b: &dyn Backend, kind: ErrorKind, existing: &str) {
     expect_kind(
-        b.put("k", Body::Bytes("x".into()), opts(PutMode::Create))
+        b.put("k", Body::Bytes("x".into()), opts(PutMode::Overwrite))
             .await,
         kind,
         "put",
     );
-    expect_kind(b.get("k").await.map(|_| ()), kind, "get");
+    expect_kind(
+        b.put("k", Body::Bytes("x".into()), opts(PutMode::Create))
+            .await,
+        kind,
+        "create",
+    );
+    expect_kind(b.get(existing).await.map(|_| ()), kind, "get");
     expect_kind(b.list("").await, kind, "list");
-    expect_kind(b.delete("k").await, kind, "delete");
+    expect_kind(b.delete(existing).await, kind, "delete");
 }
 
 /// Assert that opening `addr` fails as invalid, with a message that names `needle`.
