@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::formats::Compression;
-use crate::pipeline;
+use crate::publish::pipeline;
 
 pub const DEFAULT_PATH: &str = "/etc/nixpush/config.toml";
 

@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use nixpush::config::Config;
+use nixpush::daemon::protocol::parse_request;
+use nixpush::daemon::queue::parse_entry;
 use nixpush::formats::cache_info::CacheInfo;
 use nixpush::formats::signing::{PublicKey, SecretKey};
 use nixpush::formats::{nixbase32, NarInfo, Sha256, StoreDir};
-use nixpush::protocol::parse_request;
-use nixpush::queue::parse_entry;
 use proptest::prelude::*;
 
 const NARINFO: &str = include_str!("fixtures/top.narinfo");

@@ -12,5 +12,5 @@ fn main() -> ExitCode {
     let config = std::env::var_os("NIXPUSH_CONFIG")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(nixpush::config::DEFAULT_PATH));
-    nixpush::hook::run(&config)
+    nixpush::daemon::hook::run(&config)
 }

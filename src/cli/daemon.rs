@@ -10,9 +10,9 @@ use anyhow::{bail, Context as _};
 use nixpush::address::Address;
 use nixpush::config::Config;
 use nixpush::daemon::{self, Settings};
-use nixpush::pipeline::CompressOptions;
-use nixpush::push::{PushOptions, Pusher};
-use nixpush::store::Store;
+use nixpush::publish::pipeline::CompressOptions;
+use nixpush::publish::{PushOptions, Pusher};
+use nixpush::store::NixStore;
 
 use super::ConfigArg;
 
@@ -24,7 +24,7 @@ pub struct DaemonArgs {
 
 pub fn run(args: DaemonArgs, verbose: u8) -> anyhow::Result<ExitCode> {
     // Before any thread exists: this clears the LISTEN_* variables.
-    let inherited = nixpush::systemd::take_listen_fd()?;
+    let inherited = nixpush::daemon::systemd::take_listen_fd()?;
     let (path, explicit) = args.config.path();
     let cfg = Config::load(&path, explicit)?;
     super::init_tracing(verbose, &cfg.log_level);
@@ -52,7 +52,7 @@ async fn serve(
             );
         }
     }
-    let store = Store::open().await?;
+    let store = std::sync::Arc::new(NixStore::open().await?);
     let backend = nixpush_backends::open(&addr.backend).await?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let opts = PushOptions {

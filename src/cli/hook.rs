@@ -1,4 +1,4 @@
-//! `nixpush hook`: the post-build-hook client as a subcommand (see [`nixpush::hook`]).
+//! `nixpush hook`: the post-build-hook client as a subcommand (see [`nixpush::daemon::hook`]).
 
 use std::process::ExitCode;
 
@@ -12,5 +12,5 @@ pub struct HookArgs {
 
 pub fn run(args: HookArgs) -> ExitCode {
     let (path, _) = args.config.path();
-    nixpush::hook::run(&path)
+    nixpush::daemon::hook::run(&path)
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use nixpush::formats::StoreDir;
-use nixpush::push::{Event, EventSink};
+use nixpush::publish::{Event, EventSink};
 
 pub struct Progress {
     bar: Option<ProgressBar>,

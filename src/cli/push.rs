@@ -3,15 +3,17 @@
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use indicatif::HumanBytes;
 use nixpush::address::Address;
 use nixpush::formats::{Compression, StoreDir, StorePath};
-use nixpush::pipeline::{self, CompressOptions};
-use nixpush::push::{PushOptions, Pusher};
-use nixpush::store::Store;
+use nixpush::publish::pipeline::{self, CompressOptions};
+use nixpush::publish::plan::Root;
+use nixpush::publish::{PushOptions, Pusher};
+use nixpush::store::{NixStore, Store as _};
 
 use super::progress::Progress;
 
@@ -134,13 +136,18 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         bail!("no paths to push (give store paths as arguments, or --stdin)");
     }
 
-    let store = Store::open().await?;
+    let store = NixStore::open().await?;
     let sd = store.store_dir().clone();
+    // A `.drv` stands for itself and its built outputs, as with nix-push's --include-outputs.
     let mut roots = BTreeSet::new();
     for r in &raw {
-        roots.insert(resolve(&sd, r)?);
+        let path = resolve(&sd, r)?;
+        if path.is_derivation() {
+            roots.insert(Root::Outputs(path.clone()));
+        }
+        roots.insert(Root::Path(path));
     }
-    let roots: Vec<StorePath> = roots.into_iter().collect();
+    let roots: Vec<Root> = roots.into_iter().collect();
 
     let backend = nixpush_backends::open(&addr.backend).await?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -160,8 +167,8 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         skip_signed_by: args.skip_signed_by.clone(),
     };
     let progress = Progress::new(sd.clone());
-    let pusher = Pusher::new(store, backend.clone(), opts);
-    let roots = pusher.expand_roots(&roots).await?;
+    let pusher = Pusher::new(Arc::new(store), backend.clone(), opts);
+    let roots = pusher.resolve(&roots).await?;
     let summary = pusher.push(&roots, progress.sink()).await;
     progress.finish();
     let s = summary?;

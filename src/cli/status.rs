@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use nixpush::config::Config;
-use nixpush::protocol::{Request, Response};
+use nixpush::daemon::protocol::{Request, Response};
 
 use super::ConfigArg;
 

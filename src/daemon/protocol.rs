@@ -18,7 +18,7 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    /// Queue items in the queue entry format (see [`crate::queue`]).
+    /// Queue items in the queue entry format (see [`crate::daemon::queue`]).
     Enqueue {
         items: Vec<String>,
     },

@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::protocol::{Request, Response};
-use crate::queue::Queue;
+use crate::daemon::protocol::{Request, Response};
+use crate::daemon::queue::Queue;
 
 /// Run the hook with the configuration at `config_path` (a missing file means the defaults).
 pub fn run(config_path: &Path) -> ExitCode {

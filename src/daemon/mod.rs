@@ -20,6 +20,11 @@
 //! nothing, because the queue directory is the truth and the cache is written NAR first,
 //! narinfo last.
 
+pub mod hook;
+pub mod protocol;
+pub mod queue;
+pub mod systemd;
+
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -31,10 +36,11 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument as _};
 
 use crate::formats::StorePath;
-use crate::protocol::{self, ErrorRecord, Request, Response, StatusReport};
-use crate::push::{Event, EventSink, PushError, Pusher, Summary};
-use crate::queue::{Entry, Item, Queue, Read};
+use crate::publish::plan::Root;
+use crate::publish::{Event, EventSink, PushError, Pusher, Summary};
 use crate::store::Store;
+use protocol::{ErrorRecord, Request, Response, StatusReport};
+use queue::{Entry, Item, Queue, Read};
 
 const MAX_CONNECTIONS: usize = 128;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,7 +77,7 @@ struct StatusState {
 }
 
 impl Shared {
-    fn store(&self) -> &Store {
+    fn store(&self) -> &dyn Store {
         self.pusher.store()
     }
 
@@ -120,12 +126,12 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot start the worker's threads: {e}"))?;
     let worker = worker_rt.spawn(worker(shared.clone(), stop_rx.clone()));
     let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
-    if let Some(interval) = crate::systemd::watchdog_interval() {
+    if let Some(interval) = crate::daemon::systemd::watchdog_interval() {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
                 tick.tick().await;
-                crate::systemd::notify("WATCHDOG=1");
+                crate::daemon::systemd::notify("WATCHDOG=1");
             }
         });
     }
@@ -141,7 +147,7 @@ pub async fn run(
     let server = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx.clone()));
     shutdown.await;
     info!("shutting down: no new requests; letting in-flight uploads finish");
-    crate::systemd::notify("STOPPING=1");
+    crate::daemon::systemd::notify("STOPPING=1");
     let _ = stop_tx.send(true);
     // Returns once the listener is closed.
     let _ = server.await;
@@ -186,7 +192,7 @@ async fn announce_ready(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         match shared.pusher.ensure_cache_info().await {
             Ok(()) => {
-                crate::systemd::notify("READY=1");
+                crate::daemon::systemd::notify("READY=1");
                 info!("cache answered; ready");
                 return;
             }
@@ -641,55 +647,17 @@ fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
     }
 }
 
-/// The store paths a request stands for; paths that are not valid make it fail for good.
+/// The store paths a request stands for ([`plan`]); paths that are not valid make it fail
+/// for good.
 async fn resolve(shared: &Arc<Shared>, items: &[Item]) -> Result<Vec<StorePath>, Failure> {
-    let store = shared.store();
-    let mut roots = Vec::new();
-    let mut drvs = Vec::new();
-    for it in items {
-        match it {
-            Item::Path(p) => roots.push(p.clone()),
-            Item::Outputs(d) => drvs.push(d.clone()),
-        }
-    }
-    // The named paths and derivations in one query, before anything else: asking a missing
-    // .drv for its outputs fails like an outage would, and would be retried forever instead of
-    // rejected.
-    let named: Vec<StorePath> = roots.iter().chain(&drvs).cloned().collect();
-    let invalid = store.invalid_paths(&named).await.map_err(PushError::from)?;
-    if !invalid.is_empty() {
-        return Err(not_valid(store, &invalid));
-    }
-    if !drvs.is_empty() {
-        // Outputs that are not built (yet) are left out; the rest are valid by this check.
-        let outputs = store
-            .derivation_outputs(&drvs)
-            .await
-            .map_err(PushError::from)?;
-        let unbuilt: BTreeSet<StorePath> = store
-            .invalid_paths(&outputs)
-            .await
-            .map_err(PushError::from)?
-            .into_iter()
-            .collect();
-        roots.extend(outputs.into_iter().filter(|o| !unbuilt.contains(o)));
-    }
-    Ok(roots)
-}
-
-fn not_valid(store: &Store, invalid: &[StorePath]) -> Failure {
-    let sd = store.store_dir();
-    Failure {
-        message: format!(
-            "not valid in the Nix store: {}",
-            invalid
-                .iter()
-                .map(|p| sd.display(p))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        transient: false,
-    }
+    let roots: Vec<Root> = items
+        .iter()
+        .map(|it| match it {
+            Item::Path(p) => Root::Path(p.clone()),
+            Item::Outputs(d) => Root::Outputs(d.clone()),
+        })
+        .collect();
+    Ok(shared.pusher.resolve(&roots).await?)
 }
 
 async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<(), Failure> {

@@ -17,8 +17,11 @@
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one
 //!    wins and the second does not rewrite it. `force` overwrites.
 
+pub mod pipeline;
+pub mod plan;
+pub mod presence;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -27,13 +30,12 @@ use nixpush_backends::{
     Backend, BackendError, BackendExt as _, Body, ErrorKind, PutMode, PutOptions,
 };
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info_span, warn, Instrument as _};
+use tracing::{debug, info_span, Instrument as _};
 
 use crate::formats::signing::{self, SecretKey};
 use crate::formats::{cache_info, cache_info::CacheInfo, nar, NarInfo, StorePath};
-use crate::pipeline::{self, CompressOptions};
-use crate::presence;
-use crate::store::{PathInfo, Store, StoreError};
+use crate::store::{self, PathInfo, Store, StoreError};
+use pipeline::CompressOptions;
 
 #[derive(Debug, Clone)]
 pub struct PushOptions {
@@ -136,8 +138,7 @@ impl PushError {
     /// wrong.
     pub fn is_transient(&self) -> bool {
         match self {
-            PushError::Store(StoreError::Invalid(_) | StoreError::Parse { .. }) => false,
-            PushError::Store(_) => true,
+            PushError::Store(e) => e.is_transient(),
             PushError::Backend { source, .. } => is_transient_backend(source),
             PushError::CacheInfo { .. } | PushError::StoreDirMismatch { .. } => false,
         }
@@ -179,7 +180,7 @@ fn is_transient_backend(e: &BackendError) -> bool {
 pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
 
 pub struct Pusher {
-    store: Store,
+    store: Arc<dyn Store>,
     backend: Arc<dyn Backend>,
     opts: PushOptions,
 }
@@ -187,7 +188,7 @@ pub struct Pusher {
 type PathFuture = Shared<BoxFuture<'static, Result<Outcome, Arc<PathError>>>>;
 
 impl Pusher {
-    pub fn new(store: Store, backend: Arc<dyn Backend>, opts: PushOptions) -> Self {
+    pub fn new(store: Arc<dyn Store>, backend: Arc<dyn Backend>, opts: PushOptions) -> Self {
         Self {
             store,
             backend,
@@ -195,8 +196,8 @@ impl Pusher {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
     pub fn backend_description(&self) -> String {
@@ -253,47 +254,15 @@ impl Pusher {
         Ok(())
     }
 
-    /// The paths to push for `roots`: the roots themselves (all must be valid) and, for each
-    /// derivation, those of its outputs that are built.
-    pub async fn expand_roots(&self, roots: &[StorePath]) -> Result<Vec<StorePath>, PushError> {
-        let invalid = self.store.invalid_paths(roots).await?;
-        if !invalid.is_empty() {
-            let sd = self.store.store_dir();
-            return Err(
-                StoreError::Invalid(invalid.iter().map(|p| sd.display(p)).collect()).into(),
-            );
-        }
-        let drvs: Vec<StorePath> = roots
-            .iter()
-            .filter(|p| p.is_derivation())
-            .cloned()
-            .collect();
-        let mut all: Vec<StorePath> = roots.to_vec();
-        if !drvs.is_empty() {
-            let outputs = self.store.derivation_outputs(&drvs).await?;
-            let unbuilt: HashSet<StorePath> = self
-                .store
-                .invalid_paths(&outputs)
-                .await?
-                .into_iter()
-                .collect();
-            for out in outputs {
-                if unbuilt.contains(&out) {
-                    warn!(path = %out, "derivation output is not built; not pushing it");
-                } else {
-                    all.push(out);
-                }
-            }
-        }
-        all.sort();
-        all.dedup();
-        Ok(all)
+    /// The paths that `roots` stand for (see [`plan`]).
+    pub async fn resolve(&self, roots: &[plan::Root]) -> Result<Vec<StorePath>, PushError> {
+        Ok(plan::resolve(&*self.store, roots).await?)
     }
 
-    /// Publish the closure of `roots` (valid store paths; see [`Pusher::expand_roots`]).
+    /// Publish the closure of `roots` (valid store paths; see [`Pusher::resolve`]).
     pub async fn push(&self, roots: &[StorePath], events: EventSink) -> Result<Summary, PushError> {
         self.ensure_cache_info().await?;
-        let closure = self.store.closure(roots).await?;
+        let closure = store::closure(&*self.store, roots).await?;
         let mut summary = Summary {
             closure: closure.len(),
             ..Summary::default()
@@ -311,7 +280,7 @@ impl Pusher {
             .collect();
         summary.upstream = upstream.len();
 
-        let candidates: Vec<&PathInfo> = closure
+        let candidates: Vec<&Arc<PathInfo>> = closure
             .values()
             .filter(|i| !upstream.contains(&i.path))
             .collect();
@@ -321,7 +290,7 @@ impl Pusher {
             self.present(&candidates).await?
         };
         summary.present = present.len();
-        let to_push: BTreeMap<StorePath, PathInfo> = candidates
+        let to_push: BTreeMap<StorePath, Arc<PathInfo>> = candidates
             .into_iter()
             .filter(|i| !present.contains(&i.path))
             .map(|i| (i.path.clone(), i.clone()))
@@ -353,7 +322,7 @@ impl Pusher {
     }
 
     /// Which of `paths` already have a narinfo in the cache (see [`presence`] for how).
-    async fn present(&self, paths: &[&PathInfo]) -> Result<HashSet<StorePath>, PushError> {
+    async fn present(&self, paths: &[&Arc<PathInfo>]) -> Result<HashSet<StorePath>, PushError> {
         let by_key: HashMap<String, &StorePath> = paths
             .iter()
             .map(|i| (narinfo_key(&i.path), &i.path))
@@ -370,13 +339,12 @@ impl Pusher {
 
     async fn publish_all(
         &self,
-        to_push: BTreeMap<StorePath, PathInfo>,
+        to_push: BTreeMap<StorePath, Arc<PathInfo>>,
         events: EventSink,
     ) -> Vec<(StorePath, u64, Result<Outcome, Arc<PathError>>)> {
         let order = topological(&to_push);
         let spawn_order = order.clone();
         let ctx = Arc::new(Ctx {
-            store_dir_real: PathBuf::from(self.store.store_dir().as_str()),
             store: self.store.clone(),
             backend: self.backend.clone(),
             opts: self.opts.clone(),
@@ -433,8 +401,7 @@ impl Pusher {
 }
 
 struct Ctx {
-    store_dir_real: PathBuf,
-    store: Store,
+    store: Arc<dyn Store>,
     backend: Arc<dyn Backend>,
     opts: PushOptions,
     /// Uploads in flight at once ([`UPLOADS_PER_JOB`] per compression slot).
@@ -453,7 +420,7 @@ const UPLOADS_PER_JOB: usize = 2;
 /// published one after another meanwhile, so a push that is interrupted still gets somewhere
 /// (all slots largest-first would start the same large NARs again after every restart).
 fn hand_out_slots(
-    to_push: &BTreeMap<StorePath, PathInfo>,
+    to_push: &BTreeMap<StorePath, Arc<PathInfo>>,
     topological: Vec<StorePath>,
     senders: HashMap<StorePath, oneshot::Sender<OwnedSemaphorePermit>>,
     jobs: usize,
@@ -526,7 +493,7 @@ async fn publish_one(
         let slot = slot
             .await
             .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
-        let source = ctx.store_dir_real.join(info.path.base_name());
+        let source = ctx.store.real_path(&info.path);
         let staging = ctx.backend.staging_dir().map(ToOwned::to_owned);
         let compress = ctx.opts.compress;
         let size = info.nar_size;
@@ -650,7 +617,7 @@ async fn publish_one(
 }
 
 /// `paths` ordered so that every path comes after its references (within the set).
-fn topological(paths: &BTreeMap<StorePath, PathInfo>) -> Vec<StorePath> {
+fn topological(paths: &BTreeMap<StorePath, Arc<PathInfo>>) -> Vec<StorePath> {
     let mut indegree: HashMap<&StorePath, usize> = HashMap::new();
     let mut referrers: HashMap<&StorePath, Vec<&StorePath>> = HashMap::new();
     for (p, info) in paths {
@@ -700,8 +667,8 @@ mod tests {
         StorePath::from_base_name(&format!("{}-{name}", "0".repeat(31) + &name[..1])).unwrap()
     }
 
-    fn info(p: &StorePath, nar_size: u64, refs: &[&StorePath]) -> PathInfo {
-        PathInfo {
+    fn info(p: &StorePath, nar_size: u64, refs: &[&StorePath]) -> Arc<PathInfo> {
+        Arc::new(PathInfo {
             path: p.clone(),
             nar_hash: Sha256([0; 32]),
             nar_size,
@@ -709,7 +676,7 @@ mod tests {
             deriver: None,
             sigs: vec![],
             ca: None,
-        }
+        })
     }
 
     #[test]
