@@ -19,6 +19,7 @@
 use std::path::Path;
 
 use super::GcsCredentials;
+use crate::ConfigError;
 
 pub const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 
@@ -35,7 +36,7 @@ pub struct GcsConfig {
 
 impl GcsConfig {
     /// Parse an address, reading the credential file it names (or the application-default one).
-    pub fn parse(addr: &str) -> Result<Self, String> {
+    pub fn parse(addr: &str) -> Result<Self, ConfigError> {
         let (location, query) = addr.split_once('?').unwrap_or((addr, ""));
         let rest = location
             .strip_prefix("gs://")
@@ -48,11 +49,12 @@ impl GcsConfig {
         if !bucket_ok {
             return Err(format!(
                 "{bucket:?} is not a bucket name (3 to 222 of a-z, 0-9, -, _ and .)"
-            ));
+            )
+            .into());
         }
         let prefix = prefix.trim_matches('/');
         if !prefix.is_empty() && !valid_key(prefix) {
-            return Err(format!("{prefix:?} is not a valid prefix"));
+            return Err(format!("{prefix:?} is not a valid prefix").into());
         }
         let [endpoint, credentials, anonymous] = crate::query_params(
             query,
@@ -66,16 +68,14 @@ impl GcsConfig {
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
             .ok_or_else(|| format!("endpoint {endpoint:?} is not an http(s) URL"))?;
         if endpoint_url.query().is_some() || !endpoint_url.username().is_empty() {
-            return Err(format!(
-                "endpoint {endpoint:?}: no query or credentials allowed"
-            ));
+            return Err(format!("endpoint {endpoint:?}: no query or credentials allowed").into());
         }
         let trimmed = endpoint_url.path().trim_end_matches('/').to_owned();
         endpoint_url.set_path(&trimmed);
         let anonymous = match anonymous.as_deref() {
             None | Some("false") => false,
             Some("true") => true,
-            Some(v) => return Err(format!("anonymous must be true or false, not {v:?}")),
+            Some(v) => return Err(format!("anonymous must be true or false, not {v:?}").into()),
         };
         let credentials = match (anonymous, credentials) {
             (true, Some(_)) => return Err("give credentials or anonymous=true, not both".into()),
@@ -131,7 +131,7 @@ mod tests {
             ("gs://bucket?anonymous=true&endpoint=ftp://x", "endpoint"),
             ("s3://bucket", "gs://"),
         ] {
-            let e = GcsConfig::parse(addr).unwrap_err();
+            let e = GcsConfig::parse(addr).unwrap_err().to_string();
             assert!(e.contains(needle), "{addr}: {e:?} does not name {needle:?}");
         }
     }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use super::error::response_error;
 use super::GcsBackend;
-use crate::{BackendError, ErrorKind};
+use crate::{BackendError, ConfigError, ErrorKind};
 
 /// Default token endpoint, for credential files that do not name one.
 pub const TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
@@ -72,7 +72,7 @@ impl fmt::Debug for GcsCredentials {
 
 impl GcsCredentials {
     /// Read a service-account or authorized-user JSON file.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let at = |m: String| format!("credentials file {}: {m}", path.display());
         let text = std::fs::read_to_string(path).map_err(|e| at(e.to_string()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| at(format!("not JSON: {e}")))?;
@@ -117,18 +117,19 @@ impl GcsCredentials {
             Some(other) => Err(at(format!(
                 "credentials of type {other:?} are not supported \
                  (service_account and authorized_user are)"
-            ))),
-            None => Err(at("no \"type\"".to_owned())),
+            ))
+            .into()),
+            None => Err(at("no \"type\"".to_owned()).into()),
         }
     }
 
     /// Application-default credentials, from a file only (never the metadata server).
-    pub(super) fn application_default() -> Result<Self, String> {
+    pub(super) fn application_default() -> Result<Self, ConfigError> {
         if let Some(p) =
             std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty())
         {
             return Self::from_file(Path::new(&p))
-                .map_err(|e| format!("$GOOGLE_APPLICATION_CREDENTIALS: {e}"));
+                .map_err(|e| format!("$GOOGLE_APPLICATION_CREDENTIALS: {e}").into());
         }
         let well_known = std::env::var_os("HOME")
             .map(PathBuf::from)
@@ -141,7 +142,7 @@ impl GcsCredentials {
                       GOOGLE_APPLICATION_CREDENTIALS, run `gcloud auth application-default \
                       login`, or give anonymous=true (public buckets, emulators); the metadata \
                       server is never asked"
-                    .to_owned(),
+                    .into(),
             ),
         }
     }
@@ -330,6 +331,7 @@ mod tests {
         std::fs::write(&ext, r#"{"type":"external_account"}"#).unwrap();
         assert!(GcsCredentials::from_file(&ext)
             .unwrap_err()
+            .to_string()
             .contains("external_account"));
         let bad = dir.path().join("sa.json");
         std::fs::write(
@@ -339,6 +341,7 @@ mod tests {
         .unwrap();
         assert!(GcsCredentials::from_file(&bad)
             .unwrap_err()
+            .to_string()
             .contains("PRIVATE KEY"));
     }
 }

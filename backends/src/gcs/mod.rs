@@ -75,7 +75,7 @@ impl fmt::Debug for GcsBackend {
 impl GcsBackend {
     /// Open the cache at `addr`; no request is made.
     pub fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = GcsConfig::parse(addr).map_err(BackendError::config)?;
+        let config = GcsConfig::parse(addr).map_err(BackendError::from)?;
         Self::new(config)
     }
 

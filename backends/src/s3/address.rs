@@ -22,6 +22,8 @@
 
 use object_store::path::Path as ObjPath;
 
+use crate::ConfigError;
+
 /// Where the cache is, from its address; see the module doc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Config {
@@ -37,7 +39,7 @@ pub struct S3Config {
 
 impl S3Config {
     /// Parse `s3://bucket[/prefix][?params]`.
-    pub fn parse(addr: &str) -> Result<Self, String> {
+    pub fn parse(addr: &str) -> Result<Self, ConfigError> {
         let rest = addr
             .strip_prefix("s3://")
             .ok_or_else(|| "an S3 address starts with s3://".to_owned())?;
@@ -50,7 +52,7 @@ impl S3Config {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
         {
-            return Err(format!("invalid bucket name {bucket:?}"));
+            return Err(format!("invalid bucket name {bucket:?}").into());
         }
         let prefix = prefix.trim_matches('/');
         if !prefix.is_empty() {
@@ -64,7 +66,7 @@ impl S3Config {
         )?;
         if let Some(s) = &scheme {
             if s != "http" && s != "https" {
-                return Err(format!("scheme must be http or https, not {s:?}"));
+                return Err(format!("scheme must be http or https, not {s:?}").into());
             }
         }
         let endpoint = match endpoint {
@@ -83,10 +85,10 @@ impl S3Config {
                 let u =
                     url::Url::parse(&full).map_err(|err| format!("endpoint {full:?}: {err}"))?;
                 if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                    return Err(format!("endpoint {full:?} is not an http(s) URL"));
+                    return Err(format!("endpoint {full:?} is not an http(s) URL").into());
                 }
                 if u.query().is_some() || !matches!(u.path(), "" | "/") {
-                    return Err(format!("endpoint {full:?} must not have a path or query"));
+                    return Err(format!("endpoint {full:?} must not have a path or query").into());
                 }
                 Some(full.trim_end_matches('/').to_owned())
             }
@@ -145,7 +147,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_addresses_naming_the_problem() {
-        let err = |a: &str| S3Config::parse(a).unwrap_err();
+        let err = |a: &str| S3Config::parse(a).unwrap_err().to_string();
         assert!(
             err("s3://b?bogus=1").contains("\"bogus\""),
             "{}",

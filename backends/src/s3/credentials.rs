@@ -21,7 +21,7 @@ use object_store::StaticCredentialProvider;
 use tracing::debug;
 
 use super::S3Config;
-use crate::ErrorKind;
+use crate::{ConfigError, ErrorKind};
 
 /// Where the keys come from; see the module doc.
 #[derive(Clone)]
@@ -53,7 +53,7 @@ impl fmt::Debug for S3Credentials {
 impl S3Credentials {
     /// Keys from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, if the
     /// first two are set; an error if only one is.
-    fn from_env_vars() -> Result<Option<Self>, String> {
+    fn from_env_vars() -> Result<Option<Self>, ConfigError> {
         let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
         match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
             (Some(key_id), Some(secret_key)) => Ok(Some(S3Credentials::Static {
@@ -74,7 +74,7 @@ impl S3Credentials {
     pub(super) async fn provider(
         &self,
         config: &S3Config,
-    ) -> Result<AwsCredentialProvider, String> {
+    ) -> Result<AwsCredentialProvider, ConfigError> {
         match self {
             S3Credentials::Static {
                 key_id,
@@ -99,13 +99,13 @@ impl S3Credentials {
 }
 
 #[cfg(feature = "s3-aws-config")]
-async fn chain_provider(config: &S3Config) -> Result<AwsCredentialProvider, String> {
+async fn chain_provider(config: &S3Config) -> Result<AwsCredentialProvider, ConfigError> {
     Ok(Arc::new(chain::AwsConfigProvider::new(config).await))
 }
 
 #[cfg(not(feature = "s3-aws-config"))]
-async fn chain_provider(config: &S3Config) -> Result<AwsCredentialProvider, String> {
-    Err(match &config.profile {
+async fn chain_provider(config: &S3Config) -> Result<AwsCredentialProvider, ConfigError> {
+    Err(ConfigError::from(match &config.profile {
         Some(p) => format!(
             "profile={p} needs the AWS credential chain, which this build lacks \
              (cargo feature \"s3-aws-config\")"
@@ -113,7 +113,7 @@ async fn chain_provider(config: &S3Config) -> Result<AwsCredentialProvider, Stri
         None => "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
                  (this build lacks the AWS credential chain, cargo feature \"s3-aws-config\")"
             .into(),
-    })
+    }))
 }
 
 /// Credentials from aws-config, cached until shortly before they expire.

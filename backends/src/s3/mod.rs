@@ -68,7 +68,7 @@ impl fmt::Debug for S3Backend {
 impl S3Backend {
     /// Open the cache at `addr` (`s3://...`), with credentials from the environment.
     pub async fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = S3Config::parse(addr).map_err(BackendError::config)?;
+        let config = S3Config::parse(addr).map_err(BackendError::from)?;
         Self::new(config, S3Credentials::Environment).await
     }
 
@@ -77,7 +77,7 @@ impl S3Backend {
         let provider = credentials
             .provider(&config)
             .await
-            .map_err(BackendError::config)?;
+            .map_err(BackendError::from)?;
         let mut client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(10))
             // A whole request, one part included: 8 MiB at 256 kbit/s.

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use super::auth::load_key;
 use super::{HostKeyCheck, SftpAuth};
+use crate::ConfigError;
 
 /// A parsed `sftp://` address.
 #[derive(Debug, Clone)]
@@ -47,7 +48,7 @@ fn home() -> Option<PathBuf> {
 impl SftpConfig {
     /// Parse an address, loading the key file it names; the agent socket comes from
     /// `$SSH_AUTH_SOCK`. No network.
-    pub fn parse(addr: &str) -> Result<Self, String> {
+    pub fn parse(addr: &str) -> Result<Self, ConfigError> {
         let (location, query) = addr.split_once('?').unwrap_or((addr, ""));
         let url = url::Url::parse(location).map_err(|e| e.to_string())?;
         if url.scheme() != "sftp" {
@@ -102,7 +103,8 @@ impl SftpConfig {
             Some(v) => {
                 return Err(format!(
                     "insecure-accept-any-host-key must be true or false, not {v:?}"
-                ))
+                )
+                .into())
             }
         };
         let host_keys = match (accept_any, known_hosts) {
@@ -233,7 +235,7 @@ mod tests {
                 "true or false",
             ),
         ] {
-            let e = SftpConfig::parse(addr).unwrap_err();
+            let e = SftpConfig::parse(addr).unwrap_err().to_string();
             assert!(e.contains(needle), "{addr}: {e:?} does not name {needle:?}");
         }
     }

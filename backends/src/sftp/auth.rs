@@ -17,7 +17,7 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicK
 
 use super::error::ssh_error;
 use super::SftpConfig;
-use crate::{BackendError, ErrorKind};
+use crate::{BackendError, ConfigError, ErrorKind};
 
 /// How the server's host key is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +49,15 @@ impl fmt::Debug for SftpAuth {
     }
 }
 
-pub(super) fn load_key(path: &str) -> Result<PrivateKey, String> {
-    russh::keys::load_secret_key(path, None).map_err(|e| match e {
-        russh::keys::Error::KeyIsEncrypted => format!(
-            "identity={path}: the key is protected by a passphrase; load it into ssh-agent \
+pub(super) fn load_key(path: &str) -> Result<PrivateKey, ConfigError> {
+    russh::keys::load_secret_key(path, None).map_err(|e| {
+        ConfigError::from(match e {
+            russh::keys::Error::KeyIsEncrypted => format!(
+                "identity={path}: the key is protected by a passphrase; load it into ssh-agent \
              and leave out identity="
-        ),
-        e => format!("identity={path}: {e}"),
+            ),
+            e => format!("identity={path}: {e}"),
+        })
     })
 }
 

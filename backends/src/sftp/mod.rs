@@ -109,7 +109,7 @@ async fn file_exists(s: &Session, path: &str, key: &str) -> Result<bool, Backend
 impl SftpBackend {
     /// Open the cache at `addr`; no request is made.
     pub fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = SftpConfig::parse(addr).map_err(BackendError::config)?;
+        let config = SftpConfig::parse(addr).map_err(BackendError::from)?;
         Ok(Self::new(config))
     }
 
