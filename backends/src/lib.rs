@@ -306,12 +306,12 @@ pub enum OpenError {
          (expected file://, s3://, http://, https://, sftp://, gs://, or a plain path)"
     )]
     UnsupportedScheme(String, String),
-    #[error("cache address {addr:?}: {source}")]
-    Backend {
-        addr: String,
-        #[source]
-        source: BackendError,
-    },
+    /// Opening failed other than on the address; `error` keeps its kind. Its text is part of
+    /// this message and it is not also the `source()`, so a report that prints the chain of
+    /// causes (`{:#}` of anyhow) shows it once; like a [`BackendError`], this error's text is
+    /// whole by itself.
+    #[error("cache address {addr:?}: {error}")]
+    Backend { addr: String, error: BackendError },
 }
 
 /// Open a cache from an address in Nix's syntax (see the table in the crate doc). No request is
@@ -388,7 +388,7 @@ fn open_error(addr: &str, e: BackendError) -> OpenError {
     } else {
         OpenError::Backend {
             addr: addr.to_owned(),
-            source: e,
+            error: e,
         }
     }
 }
@@ -495,6 +495,35 @@ pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -
         cur = c.source();
     }
     BackendError::new(kind, op, key, message)
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    /// What `{:#}` (anyhow) prints: the error, then each cause.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn an_open_error_shows_its_cause_once() {
+        let e = OpenError::Backend {
+            addr: "s3://b".into(),
+            error: BackendError::new(ErrorKind::Transient, "open", "", "no answer"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cache address \"s3://b\": open \"\": no answer"
+        );
+        assert_eq!(chain(&e), e.to_string());
+    }
 }
 
 #[cfg(all(test, any(feature = "s3", feature = "gcs")))]
