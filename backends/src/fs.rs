@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, PutMode, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, PutMode, PutOptions};
 
 /// Temporary files start with this and end in `.tmp`.
 pub const TMP_PREFIX: &str = ".nixpush-";
@@ -36,17 +36,15 @@ impl FsBackend {
     pub async fn new(root: PathBuf) -> Result<Self, BackendError> {
         Self::from_params(root, &[])
             .await
-            .map_err(BackendError::config)
+            .map_err(BackendError::from)
     }
 
     pub(crate) async fn from_params(
         root: PathBuf,
         params: &[(String, String)],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ConfigError> {
         if let Some((k, _)) = params.first() {
-            return Err(format!(
-                "unknown parameter {k:?} for a local directory cache"
-            ));
+            return Err(format!("unknown parameter {k:?} for a local directory cache").into());
         }
         if root.as_os_str().is_empty() {
             return Err("empty directory path".into());

@@ -49,7 +49,7 @@ use futures::TryStreamExt as _;
 use reqwest::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, IF_NONE_MATCH};
 use reqwest::{Method, StatusCode};
 
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, PutMode, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, PutMode, PutOptions};
 
 /// The environment variable holding a bearer token when the address names no credential file.
 pub const TOKEN_ENV: &str = "NIXPUSH_TOKEN";
@@ -93,7 +93,7 @@ pub struct HttpConfig {
 
 impl HttpConfig {
     /// Parse an address, reading a credential file it names (or [`TOKEN_ENV`]).
-    pub fn parse(addr: &str) -> Result<Self, String> {
+    pub fn parse(addr: &str) -> Result<Self, ConfigError> {
         let (location, query) = addr.split_once('?').unwrap_or((addr, ""));
         let mut base = url::Url::parse(location).map_err(|e| e.to_string())?;
         if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
@@ -150,7 +150,7 @@ impl HttpConfig {
             },
         };
         if let Some(h) = auth_check(&auth) {
-            return Err(h);
+            return Err(h.into());
         }
         Ok(Self { base, auth })
     }
@@ -184,7 +184,7 @@ impl fmt::Debug for HttpBackend {
 impl HttpBackend {
     /// Open the cache at `addr`; no request is made.
     pub fn open(addr: &str) -> Result<Self, BackendError> {
-        let config = HttpConfig::parse(addr).map_err(BackendError::config)?;
+        let config = HttpConfig::parse(addr).map_err(BackendError::from)?;
         Self::new(config)
     }
 
@@ -406,7 +406,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_addresses_naming_the_problem() {
-        let err = |a: &str| HttpConfig::parse(a).unwrap_err();
+        let err = |a: &str| HttpConfig::parse(a).unwrap_err().to_string();
         assert!(err("http://h/c?bogus=1").contains("\"bogus\""));
         assert!(err("http://u:p@h/c").contains("credentials"));
         assert!(err("http://h/c?token-file=/nonexistent/x").contains("/nonexistent/x"));

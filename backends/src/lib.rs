@@ -183,6 +183,31 @@ impl BackendError {
     }
 }
 
+/// A bad address or setting, found before any request: what a backend's address parser and
+/// credential loader return, the message naming what is wrong. It becomes a [`BackendError`]
+/// of [`ErrorKind::Config`] (`?` converts it), or [`OpenError::Invalid`] from [`open`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl From<String> for ConfigError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for ConfigError {
+    fn from(message: &str) -> Self {
+        Self(message.to_owned())
+    }
+}
+
+impl From<ConfigError> for BackendError {
+    fn from(e: ConfigError) -> Self {
+        BackendError::config(e.0)
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + fmt::Debug {
     /// Store `body` under `key`, atomically, as `opts.mode` says.
@@ -281,12 +306,12 @@ pub enum OpenError {
          (expected file://, s3://, http://, https://, sftp://, gs://, or a plain path)"
     )]
     UnsupportedScheme(String, String),
-    #[error("cache address {addr:?}: {source}")]
-    Backend {
-        addr: String,
-        #[source]
-        source: BackendError,
-    },
+    /// Opening failed other than on the address; `error` keeps its kind. Its text is part of
+    /// this message and it is not also the `source()`, so a report that prints the chain of
+    /// causes (`{:#}` of anyhow) shows it once; like a [`BackendError`], this error's text is
+    /// whole by itself.
+    #[error("cache address {addr:?}: {error}")]
+    Backend { addr: String, error: BackendError },
 }
 
 /// Open a cache from an address in Nix's syntax (see the table in the crate doc). No request is
@@ -304,7 +329,7 @@ pub async fn open(addr: &str) -> Result<Arc<dyn Backend>, OpenError> {
                 let params = parse_params(addr, query)?;
                 let fs = fs::FsBackend::from_params(PathBuf::from(path), &params)
                     .await
-                    .map_err(|e| OpenError::Invalid(addr.to_owned(), e))?;
+                    .map_err(|e| OpenError::Invalid(addr.to_owned(), e.to_string()))?;
                 Ok(Arc::new(fs))
             }
             #[cfg(not(feature = "fs"))]
@@ -363,7 +388,7 @@ fn open_error(addr: &str, e: BackendError) -> OpenError {
     } else {
         OpenError::Backend {
             addr: addr.to_owned(),
-            source: e,
+            error: e,
         }
     }
 }
@@ -394,7 +419,7 @@ pub(crate) fn query_params<const N: usize>(
     what: &str,
     known: [&str; N],
     refuse_empty: bool,
-) -> Result<[Option<String>; N], String> {
+) -> Result<[Option<String>; N], ConfigError> {
     let mut values: [Option<String>; N] = std::array::from_fn(|_| None);
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         if k.is_empty() {
@@ -404,13 +429,14 @@ pub(crate) fn query_params<const N: usize>(
             return Err(format!(
                 "unknown parameter {k:?} for {what} (known: {})",
                 known.join(", ")
-            ));
+            )
+            .into());
         };
         if values[i].is_some() {
-            return Err(format!("parameter {k:?} given twice"));
+            return Err(format!("parameter {k:?} given twice").into());
         }
         if refuse_empty && v.is_empty() {
-            return Err(format!("parameter {k:?} is empty"));
+            return Err(format!("parameter {k:?} is empty").into());
         }
         values[i] = Some(v.into_owned());
     }
@@ -469,6 +495,35 @@ pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -
         cur = c.source();
     }
     BackendError::new(kind, op, key, message)
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    /// What `{:#}` (anyhow) prints: the error, then each cause.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn an_open_error_shows_its_cause_once() {
+        let e = OpenError::Backend {
+            addr: "s3://b".into(),
+            error: BackendError::new(ErrorKind::Transient, "open", "", "no answer"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cache address \"s3://b\": open \"\": no answer"
+        );
+        assert_eq!(chain(&e), e.to_string());
+    }
 }
 
 #[cfg(all(test, any(feature = "s3", feature = "gcs")))]

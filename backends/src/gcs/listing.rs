@@ -1,0 +1,151 @@
+//! Listing keys: all of a prefix ([`Backend::list`](crate::Backend::list)), following
+//! `nextPageToken` pages, or one ordered page in one request
+//! ([`Backend::list_page`](crate::Backend::list_page)).
+//!
+//! **Ordered listing**: one `objects.list` request with `startOffset` (inclusive, so a key
+//! equal to it is dropped) and `delimiter=/`, so a page holds up to [`LIST_PAGE`] names of the
+//! cache's top level (narinfos) and each folder (`nar/`, from `prefixes`) once, however many
+//! objects it holds.
+
+use serde_json::Value;
+
+use super::error::{missing_bucket_error, response_error};
+use super::{segment, GcsBackend};
+use crate::{BackendError, ErrorKind, ListPage};
+
+/// Objects per page when listing (GCS's maximum).
+pub const LIST_PAGE: u32 = crate::LIST_PAGE_MAX as u32;
+
+impl GcsBackend {
+    /// One `objects.list` request: the JSON answer, or the error (a 404 means the bucket).
+    async fn list_request(
+        &self,
+        op_key: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Value, BackendError> {
+        let url = self.url(
+            &format!("/storage/v1/b/{}/o", segment(&self.config.bucket)),
+            query,
+        );
+        let resp = self.send("list", op_key, self.client.get(url)).await?;
+        if !resp.status().is_success() {
+            let e = response_error("list", op_key, resp).await;
+            return Err(if e.kind == ErrorKind::NotFound {
+                missing_bucket_error(&self.config.bucket, e)
+            } else {
+                e
+            });
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| crate::transport_error("list", op_key, &e))?;
+        serde_json::from_slice(&body).map_err(|e| {
+            BackendError::new(
+                ErrorKind::Other,
+                "list",
+                op_key,
+                format!("bad listing: {e}"),
+            )
+        })
+    }
+
+    /// Every key that starts with `prefix`.
+    pub(super) async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let full = if self.config.prefix.is_empty() {
+            prefix.to_owned()
+        } else {
+            format!("{}/{prefix}", self.config.prefix)
+        };
+        let strip = if self.config.prefix.is_empty() {
+            0
+        } else {
+            self.config.prefix.len() + 1
+        };
+        let page = self.list_page_size.to_string();
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query = vec![
+                ("prefix", full.as_str()),
+                ("maxResults", page.as_str()),
+                ("fields", "items(name),nextPageToken"),
+            ];
+            if let Some(t) = &token {
+                query.push(("pageToken", t.as_str()));
+            }
+            let v = self.list_request(prefix, &query).await?;
+            for item in v
+                .get("items")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(n) = item.get("name").and_then(Value::as_str) {
+                    if n.len() >= strip && n.starts_with(&full) {
+                        out.push(n[strip..].to_owned());
+                    }
+                }
+            }
+            match v.get("nextPageToken").and_then(Value::as_str) {
+                Some(t) if !t.is_empty() && token.as_deref() != Some(t) => {
+                    token = Some(t.to_owned())
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// One page of keys after `start_after`, in order, in one request.
+    pub(super) async fn list_ordered(
+        &self,
+        start_after: &str,
+    ) -> Result<Option<ListPage>, BackendError> {
+        let base = if self.config.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.config.prefix)
+        };
+        let offset = format!("{base}{start_after}");
+        let page = self.list_page_size.to_string();
+        let mut query = vec![
+            ("delimiter", "/"),
+            ("maxResults", page.as_str()),
+            ("fields", "items(name),prefixes,nextPageToken"),
+        ];
+        if !base.is_empty() {
+            query.push(("prefix", base.as_str()));
+        }
+        if !start_after.is_empty() {
+            query.push(("startOffset", offset.as_str()));
+        }
+        let v = self.list_request(start_after, &query).await?;
+        let strings = |field: &str| -> Vec<String> {
+            v.get(field)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|x| match x {
+                    // Folders are plain strings (with their trailing `/`), objects `{"name"}`.
+                    Value::String(s) => Some(s.as_str()),
+                    x => x.get("name").and_then(Value::as_str),
+                })
+                .filter_map(|n| n.strip_prefix(base.as_str()))
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let more = v
+            .get("nextPageToken")
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty());
+        // `startOffset` is inclusive: `assemble_page` drops a key equal to it.
+        Ok(Some(crate::assemble_page(
+            start_after,
+            strings("items"),
+            strings("prefixes"),
+            more,
+            self.list_page_size as usize,
+        )))
+    }
+}
