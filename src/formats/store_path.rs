@@ -37,7 +37,11 @@ impl StorePath {
         if s.len() < HASH_LEN + 2 {
             return Err(StorePathError::TooShort(s.to_owned()));
         }
-        let (hash, rest) = s.split_at(HASH_LEN);
+        // `split_at` would panic inside a multi-byte character: hostile input must not crash
+        // the daemon (found by tests/parsers_robust.rs).
+        let (Some(hash), Some(rest)) = (s.get(..HASH_LEN), s.get(HASH_LEN..)) else {
+            return Err(StorePathError::BadHash(s.to_owned()));
+        };
         if nixbase32::decode_fixed::<20>(hash).is_err() {
             return Err(StorePathError::BadHash(s.to_owned()));
         }
