@@ -203,6 +203,8 @@ mod tests {
             "/nix/store/6wc80gnrw32m27zzl4k7r5j3jph6aasy-",
             "/nix/store/..",
             "/nix/store/",
+            // A multi-byte character across the end of the hash part.
+            "/nix/store/6wc80gnrw32m27zzl4k7r5j3jph6aas\u{1d4ac}-top",
         ] {
             assert!(sd.parse(bad).is_err(), "{bad}");
         }
