@@ -9,6 +9,7 @@ mod daemon_support;
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 use daemon_support::*;
@@ -232,4 +233,64 @@ fn content_addressed_paths_publish_with_their_ca_and_substitute() {
     for p in [&top, &note, &fixed] {
         assert!(valid_in_root(&root, p), "{p} was not substituted");
     }
+}
+
+#[test]
+fn a_store_whose_files_are_elsewhere_is_read_through_the_daemon() {
+    // A chroot store: its paths are `/nix/store/…` to Nix, but their files are under `src`,
+    // where nixpush cannot find them by name; the daemon must serialise the NARs.
+    let dir = tempdir();
+    let src = dir.path().join("src-store");
+    let tree = dir.path().join(unique("np-elsewhere"));
+    fs::create_dir_all(tree.join("sub")).expect("mkdir");
+    fs::write(tree.join("sub/file"), vec![b'x'; 300_000]).expect("file");
+    fs::write(tree.join("exe"), "#!/bin/sh\n").expect("file");
+    fs::set_permissions(tree.join("exe"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::os::unix::fs::symlink("sub/file", tree.join("link")).expect("symlink");
+    let added = run_ok(
+        Command::new("nix-store")
+            .arg("--store")
+            .arg(&src)
+            .arg("--add")
+            .arg(&tree),
+    );
+    let path = added.stdout.trim().to_owned();
+    assert!(
+        !Path::new(&path).exists() && in_root(&src, &path).exists(),
+        "{path} is in the chroot store only"
+    );
+    let keys = nixpush_keygen(dir.path(), "elsewhere-1");
+    let cache = dir.path().join("cache");
+    let mut cmd = push_cmd(
+        nixpush(),
+        &format!("file://{}", cache.display()),
+        &keys,
+        &path,
+    );
+    cmd.env("NIX_REMOTE", format!("local?root={}", src.display()));
+    run_ok(&mut cmd);
+    let ni = RawNarInfo::read(&cache, &path);
+    let theirs = run_ok(
+        Command::new("nix-store")
+            .arg("--store")
+            .arg(&src)
+            .args(["--query", "--hash", &path]),
+    );
+    assert_eq!(
+        nixpush::formats::Sha256::parse(ni.one("NarHash")).unwrap(),
+        nixpush::formats::Sha256::parse(theirs.stdout.trim()).unwrap(),
+        "the NarHash Nix has for it"
+    );
+    let fresh = dir.path().join("fresh");
+    run_ok(&mut nix_copy_cmd(
+        &cache,
+        &fresh,
+        &keys.public_key(),
+        std::slice::from_ref(&path),
+    ));
+    assert!(valid_in_root(&fresh, &path), "Nix substituted it");
+    assert_eq!(
+        fs::read(in_root(&fresh, &path).join("sub/file")).expect("substituted file"),
+        vec![b'x'; 300_000]
+    );
 }

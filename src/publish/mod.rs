@@ -113,6 +113,8 @@ pub enum PushError {
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {
     #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
     Pipeline(#[from] pipeline::PipelineError),
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -159,10 +161,12 @@ impl PathError {
                         | std::io::ErrorKind::UnexpectedEof
                 ),
                 pipeline::PipelineError::Dump(nar::DumpError::Sink(_))
-                | pipeline::PipelineError::Staging { .. } => true,
+                | pipeline::PipelineError::Staging { .. }
+                | pipeline::PipelineError::Stream(_) => true,
                 pipeline::PipelineError::Dump(nar::DumpError::UnsupportedType(_))
                 | pipeline::PipelineError::Level { .. } => false,
             },
+            PathError::Store(e) => e.is_transient(),
             PathError::HashMismatch { .. } => false,
             PathError::Backend(e) => is_transient_backend(e),
             PathError::Reference { transient, .. } => *transient,
@@ -493,12 +497,12 @@ async fn publish_one(
         let slot = slot
             .await
             .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
-        let source = ctx.store.real_path(&info.path);
+        let source = ctx.store.nar_source(&info.path).await?;
         let staging = ctx.backend.staging_dir().map(ToOwned::to_owned);
         let compress = ctx.opts.compress;
         let size = info.nar_size;
         let staged = tokio::task::spawn_blocking(move || {
-            pipeline::stage(&source, staging.as_deref(), compress, size)
+            pipeline::stage(source, staging.as_deref(), compress, size)
         })
         .await
         .map_err(|e| PathError::Internal(e.to_string()))??;

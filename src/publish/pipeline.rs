@@ -17,6 +17,7 @@ use std::path::Path;
 use sha2::Digest as _;
 
 use crate::formats::{nar, Compression, Sha256};
+use crate::store::NarSource;
 
 /// Below this NAR size a single compression thread is as fast and wastes no start-up work.
 const MULTITHREAD_MIN_NAR: u64 = 4 << 20;
@@ -37,6 +38,8 @@ pub struct CompressOptions {
 pub enum PipelineError {
     #[error(transparent)]
     Dump(#[from] nar::DumpError),
+    #[error("cannot read the NAR that the nix-daemon sent: {0}")]
+    Stream(io::Error),
     #[error("cannot create a staging file in {dir}: {source}")]
     Staging {
         dir: String,
@@ -81,11 +84,11 @@ pub fn validate_level(compression: Compression, level: Option<i32>) -> Result<()
     }
 }
 
-/// Serialise `source` as a NAR, compress and hash it into a temporary file in `staging_dir`
+/// Serialise `source` as a NAR (or take the NAR the daemon sends), compress and hash it into a temporary file in `staging_dir`
 /// (or the system temp dir). `size_hint` is the expected NarSize (0 if unknown), used to size
 /// the compressor.
 pub fn stage(
-    source: &Path,
+    source: NarSource,
     staging_dir: Option<&Path>,
     opts: CompressOptions,
     size_hint: u64,
@@ -116,7 +119,14 @@ pub fn stage(
         .map_err(sink_err)?;
     let nar_side = BufWriter::with_capacity(WRITE_BUF, HashingWriter::new(encoder));
 
-    let nar_side = nar::dump(source, nar_side)?;
+    let nar_side = match source {
+        NarSource::Files(path) => nar::dump(&path, nar_side)?,
+        NarSource::Stream(mut reader) => {
+            let mut nar_side = nar_side;
+            io::copy(&mut reader, &mut nar_side).map_err(PipelineError::Stream)?;
+            nar_side
+        }
+    };
     let nar_hashing = nar_side
         .into_inner()
         .map_err(|e| sink_err(e.into_error()))?;

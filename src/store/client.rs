@@ -51,6 +51,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tracing::{debug, trace};
 
+use super::nar_stream::{self, NarCopier, NarReader};
 use super::wire::{self, Request};
 use super::{PathInfo, StoreError};
 use crate::formats::{Sha256, StoreDir, StorePath};
@@ -74,6 +75,7 @@ const STDERR_RESULT: u64 = 0x5253_4c54;
 const OP_SET_OPTIONS: u64 = 19;
 const OP_QUERY_PATH_INFO: u64 = 26;
 const OP_QUERY_VALID_PATHS: u64 = 31;
+const OP_NAR_FROM_PATH: u64 = 38;
 const OP_QUERY_DERIVATION_OUTPUT_MAP: u64 = 41;
 
 /// Requests encoded per write while pipelining: large enough that a batch is a few system
@@ -331,6 +333,31 @@ impl DaemonStore {
             })
         })
         .await
+    }
+}
+
+impl DaemonStore {
+    /// The NAR of `path`, serialised by the daemon, on a connection of its own (a long
+    /// transfer must not hold up the queries of other paths). The bytes arrive through a
+    /// bounded channel as the reader takes them; see [`super::nar_stream`].
+    pub async fn nar_from_path(&self, path: &StorePath) -> Result<NarReader, StoreError> {
+        let op = "NarFromPath";
+        let mut c = connect(&self.endpoint).await?;
+        let mut req = Request::new();
+        req.u64(OP_NAR_FROM_PATH).str(&self.store_dir.display(path));
+        send(&mut c, &req, op).await?;
+        read_log(&mut c, op).await??;
+        let (tx, rx) = tokio::sync::mpsc::channel(nar_stream::CHANNEL_CHUNKS);
+        tokio::spawn(async move {
+            // The whole connection moves here (not just its reader, as a capture of `c.r`
+            // would): dropping it ends our `nix-daemon --stdio` child mid-NAR.
+            let mut c = c;
+            let result = NarCopier::new(&mut c.r, &tx).copy().await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(NarReader::new(rx))
     }
 }
 

@@ -17,9 +17,12 @@
 //! - Path infos of valid paths are immutable, so [`NixStore`] keeps them (up to
 //!   [`MEMO_MAX`] entries, then starts again): a daemon that sees the same dependencies in
 //!   every build asks for each once. Validity is never remembered (a path can be collected).
-//! - A NAR is read from the store's directory on this machine's filesystem.
+//! - A NAR is read from the store's directory on this machine's filesystem where its files
+//!   are there; otherwise (a chroot store, a store behind `NIX_REMOTE` elsewhere) the daemon
+//!   serialises it (`NarFromPath`, one connection per NAR while it streams).
 
 pub mod client;
+pub mod nar_stream;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -111,8 +114,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The outputs of each derivation in `drvs`, in order.
     async fn derivation_outputs(&self, drvs: &[StorePath]) -> Result<Vec<OutputMap>, StoreError>;
 
-    /// Where the files of `path` can be read on this machine.
-    fn real_path(&self, path: &StorePath) -> PathBuf;
+    /// Where to read the NAR of `path` from.
+    async fn nar_source(&self, path: &StorePath) -> Result<NarSource, StoreError>;
+}
+
+/// Where a NAR comes from.
+pub enum NarSource {
+    /// The path's files on this machine: nixpush serialises them itself.
+    Files(PathBuf),
+    /// NAR bytes from the daemon.
+    Stream(Box<dyn std::io::Read + Send>),
+}
+
+impl std::fmt::Debug for NarSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NarSource::Files(p) => f.debug_tuple("Files").field(p).finish(),
+            NarSource::Stream(_) => f.write_str("Stream"),
+        }
+    }
 }
 
 /// The closure of `roots` (all valid) with full metadata, keyed by path: one pipelined batch
@@ -250,7 +270,14 @@ impl Store for NixStore {
             .collect()
     }
 
-    fn real_path(&self, path: &StorePath) -> PathBuf {
-        PathBuf::from(self.store_dir().display(path))
+    async fn nar_source(&self, path: &StorePath) -> Result<NarSource, StoreError> {
+        // The logical location is where a local store keeps its files; where nothing is
+        // there (a chroot store, a remote one), the daemon has to serialise it.
+        let local = PathBuf::from(self.store_dir().display(path));
+        if std::fs::symlink_metadata(&local).is_ok() {
+            return Ok(NarSource::Files(local));
+        }
+        let reader = self.client.nar_from_path(path).await?;
+        Ok(NarSource::Stream(Box::new(reader)))
     }
 }
