@@ -89,16 +89,14 @@ pub struct Summary {
     pub failed: Vec<(StorePath, String, bool)>,
 }
 
+/// Why a push could not start or finish. Each message is whole by itself: a cause is part of
+/// it and not also the `source()`, so a report of the chain of causes shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cache {cache}: {source}")]
-    Backend {
-        cache: String,
-        #[source]
-        source: BackendError,
-    },
+    #[error("cache {cache}: {error}")]
+    Backend { cache: String, error: BackendError },
     #[error("cache {cache} has an unreadable nix-cache-info: {message}")]
     CacheInfo { cache: String, message: String },
     #[error("cache {cache} is for store {theirs:?}, but this store is {ours:?}")]
@@ -139,7 +137,7 @@ impl PushError {
     pub fn is_transient(&self) -> bool {
         match self {
             PushError::Store(e) => e.is_transient(),
-            PushError::Backend { source, .. } => is_transient_backend(source),
+            PushError::Backend { error, .. } => is_transient_backend(error),
             PushError::CacheInfo { .. } | PushError::StoreDirMismatch { .. } => false,
         }
     }
@@ -152,8 +150,8 @@ impl PathError {
         match self {
             PathError::Pipeline(e) => match e {
                 // The path vanished (garbage-collected) or changed under us: final.
-                pipeline::PipelineError::Dump(nar::DumpError::Io { source, .. }) => !matches!(
-                    source.kind(),
+                pipeline::PipelineError::Dump(nar::DumpError::Io { error, .. }) => !matches!(
+                    error.kind(),
                     std::io::ErrorKind::NotFound
                         | std::io::ErrorKind::InvalidData
                         | std::io::ErrorKind::UnexpectedEof
@@ -204,10 +202,10 @@ impl Pusher {
         self.backend.describe()
     }
 
-    fn backend_err(&self, source: BackendError) -> PushError {
+    fn backend_err(&self, error: BackendError) -> PushError {
         PushError::Backend {
             cache: self.backend.describe(),
-            source,
+            error,
         }
     }
 
