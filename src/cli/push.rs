@@ -209,8 +209,8 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     if s.failed.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        for (p, e, _) in &s.failed {
-            eprintln!("nixpush: error: {}: {e}", sd.display(p));
+        for f in &s.failed {
+            eprintln!("nixpush: error: {}: {}", sd.display(&f.path), f.error);
         }
         Ok(ExitCode::FAILURE)
     }

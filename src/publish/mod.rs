@@ -66,13 +66,10 @@ pub enum Event {
         file_size: u64,
     },
     /// Another writer published the narinfo first; ours was not written.
-    AlreadyPublished {
-        path: StorePath,
-        nar_size: u64,
-    },
+    AlreadyPublished { path: StorePath, nar_size: u64 },
     Failed {
         path: StorePath,
-        error: String,
+        error: Arc<PathError>,
     },
 }
 
@@ -85,8 +82,23 @@ pub struct Summary {
     pub raced: usize,
     pub nar_bytes: u64,
     pub file_bytes: u64,
-    /// Paths that failed, with the error and whether retrying may help.
-    pub failed: Vec<(StorePath, String, bool)>,
+    /// Paths that failed, each with why.
+    pub failed: Vec<Failed>,
+}
+
+/// A path that could not be published, and why. The error is shared with the [`Event::Failed`]
+/// that reported it and with the paths that were held back because they refer to it.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub path: StorePath,
+    pub error: Arc<PathError>,
+}
+
+impl Failed {
+    /// Whether retrying later may succeed (see [`PathError::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.error.is_transient()
+    }
 }
 
 /// Why a push could not start or finish. Each message is whole by itself: a cause is part of
@@ -313,7 +325,7 @@ impl Pusher {
                     summary.file_bytes += file_size;
                 }
                 Ok(Outcome::Raced) => summary.raced += 1,
-                Err(e) => summary.failed.push((path, e.to_string(), e.is_transient())),
+                Err(error) => summary.failed.push(Failed { path, error }),
             }
         }
         Ok(summary)
@@ -368,11 +380,12 @@ impl Pusher {
             let nar_size = info.nar_size;
             let fut = async move {
                 publish_one(&ctx, &info, slot, deps).await.map_err(|e| {
+                    let error = Arc::new(e);
                     (ctx.events)(&Event::Failed {
                         path: info.path.clone(),
-                        error: e.to_string(),
+                        error: error.clone(),
                     });
-                    Arc::new(e)
+                    error
                 })
             }
             .instrument(span)
