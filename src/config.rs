@@ -163,6 +163,11 @@ pub enum ConfigError {
     },
 }
 
+/// `daemon.socket-mode` is not a permission mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an octal mode like \"0660\"")]
+pub struct BadSocketMode(pub String);
+
 impl Config {
     /// Read and validate `path`. With `must_exist` false, a missing file means the defaults.
     pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
@@ -226,7 +231,7 @@ impl Config {
             ));
         }
         self.socket_mode()
-            .map_err(|m| invalid("daemon.socket-mode", m))?;
+            .map_err(|e| invalid("daemon.socket-mode", e.to_string()))?;
         if self.key_files.is_empty() && !self.allow_unsigned {
             return Err(invalid(
                 "key-files",
@@ -242,16 +247,11 @@ impl Config {
         Ok(())
     }
 
-    pub fn socket_mode(&self) -> Result<u32, String> {
+    pub fn socket_mode(&self) -> Result<u32, BadSocketMode> {
         u32::from_str_radix(&self.daemon.socket_mode, 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                format!(
-                    "{:?} is not an octal mode like \"0660\"",
-                    self.daemon.socket_mode
-                )
-            })
+            .ok_or_else(|| BadSocketMode(self.daemon.socket_mode.clone()))
     }
 
     /// Key file paths, with relative ones resolved in `$CREDENTIALS_DIRECTORY` (systemd's

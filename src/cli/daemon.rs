@@ -77,7 +77,7 @@ async fn serve(
             tokio::net::UnixListener::from_std(std_listener)
                 .context("the socket passed by systemd is not a listening Unix socket")?
         }
-        None => bind(&cfg.socket, cfg.socket_mode().map_err(anyhow::Error::msg)?)?,
+        None => bind(&cfg.socket, cfg.socket_mode()?)?,
     };
     let settings = Settings {
         queue_dir: cfg.queue_dir.clone(),
@@ -87,7 +87,8 @@ async fn serve(
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
     };
     let pusher = Pusher::new(store, backend, opts);
-    daemon::run(pusher, settings, listener, shutdown_signal()).await
+    daemon::run(pusher, settings, listener, shutdown_signal()).await?;
+    Ok(())
 }
 
 fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {

@@ -96,18 +96,29 @@ impl Shared {
     }
 }
 
+/// Why the daemon could not start. Each message is whole by itself (the cause is part of it,
+/// not also the `source()`).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open queue directory {}: {error}", dir.display())]
+    Queue {
+        dir: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot start the worker's threads: {0}")]
+    Worker(std::io::Error),
+}
+
 /// Run the daemon until `shutdown` completes, then wind down.
 pub async fn run(
     pusher: Pusher,
     settings: Settings,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let queue = Queue::open(&settings.queue_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open queue directory {}: {e}",
-            settings.queue_dir.display()
-        )
+) -> Result<(), StartError> {
+    let queue = Queue::open(&settings.queue_dir).map_err(|error| StartError::Queue {
+        dir: settings.queue_dir.clone(),
+        error,
     })?;
     queue.clean_stale_temps(Duration::from_secs(3600));
     let shared = Arc::new(Shared {
@@ -122,8 +133,7 @@ pub async fn run(
 
     // The watcher only nudges; the worker's periodic rescan catches whatever it misses.
     let _watcher = start_watcher(&shared);
-    let worker_rt = WorkerRuntime::new()
-        .map_err(|e| anyhow::anyhow!("cannot start the worker's threads: {e}"))?;
+    let worker_rt = WorkerRuntime::new().map_err(StartError::Worker)?;
     let worker = worker_rt.spawn(worker(shared.clone(), stop_rx.clone()));
     let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
     if let Some(interval) = crate::daemon::systemd::watchdog_interval() {
@@ -248,7 +258,9 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) {
                 line.pop();
             }
             match protocol::parse_request(&line) {
-                Err(message) => Response::Error { message },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
                 Ok(Request::Status {}) => Response::Status(status_report(&shared).await),
                 Ok(Request::Enqueue { items }) => enqueue(&shared, &items).await,
             }
@@ -269,7 +281,11 @@ async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
     for r in raw {
         match Item::parse(&sd, r) {
             Ok(i) => items.push(i),
-            Err(message) => return Response::Error { message },
+            Err(e) => {
+                return Response::Error {
+                    message: e.to_string(),
+                }
+            }
         }
     }
     if items.is_empty() {
@@ -529,7 +545,7 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     };
     let mut progressed = false;
     for (entry, reason) in invalid {
-        reject(&shared, &entry, &reason);
+        reject(&shared, &entry, &reason.to_string());
         progressed = true;
     }
     if ready.is_empty() {
