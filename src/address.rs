@@ -22,13 +22,13 @@ pub struct Address {
     pub parallel_compression: Option<bool>,
 }
 
+/// Each message is whole by itself: a cause is part of it and not also the `source()`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
-    #[error("cache address {addr:?}: {source}")]
+    #[error("cache address {addr:?}: {error}")]
     Compression {
         addr: String,
-        #[source]
-        source: UnknownCompression,
+        error: UnknownCompression,
     },
     #[error("cache address {0:?}: parallel-compression must be true or false")]
     Parallel(String),
@@ -48,9 +48,9 @@ impl Address {
             match &*k {
                 "compression" => {
                     out.compression =
-                        Some(v.parse().map_err(|source| AddressError::Compression {
+                        Some(v.parse().map_err(|error| AddressError::Compression {
                             addr: addr.to_owned(),
-                            source,
+                            error,
                         })?)
                 }
                 "secret-key" => out.secret_key = Some(PathBuf::from(&*v)),
@@ -91,5 +91,16 @@ mod tests {
         assert_eq!(b.backend, "file:///tmp/c?bogus=1");
         assert!(Address::parse("file:///c?compression=lz9").is_err());
         assert!(Address::parse("file:///c?parallel-compression=maybe").is_err());
+    }
+
+    #[test]
+    fn the_cause_is_in_the_message_only() {
+        let e = Address::parse("file:///c?compression=lz9").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cache address \"file:///c?compression=lz9\": unknown compression \"lz9\" \
+             (expected one of: none, xz, bzip2, zstd)"
+        );
+        assert!(std::error::Error::source(&e).is_none());
     }
 }

@@ -146,11 +146,12 @@ fn de_compression<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Compression,
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    /// The cause is part of the message and not also the `source()`, so that a report that
+    /// prints the chain of causes (`{:#}` of anyhow) shows it once.
+    #[error("cannot read config {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -162,16 +163,21 @@ pub enum ConfigError {
     },
 }
 
+/// `daemon.socket-mode` is not a permission mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an octal mode like \"0660\"")]
+pub struct BadSocketMode(pub String);
+
 impl Config {
     /// Read and validate `path`. With `must_exist` false, a missing file means the defaults.
     pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
-            Err(source) => {
+            Err(error) => {
                 return Err(ConfigError::Read {
                     path: path.to_owned(),
-                    source,
+                    error,
                 })
             }
         };
@@ -190,9 +196,9 @@ impl Config {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse_unchecked(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(ConfigError::Read {
+            Err(error) => Err(ConfigError::Read {
                 path: path.to_owned(),
-                source,
+                error,
             }),
         }
     }
@@ -225,7 +231,7 @@ impl Config {
             ));
         }
         self.socket_mode()
-            .map_err(|m| invalid("daemon.socket-mode", m))?;
+            .map_err(|e| invalid("daemon.socket-mode", e.to_string()))?;
         if self.key_files.is_empty() && !self.allow_unsigned {
             return Err(invalid(
                 "key-files",
@@ -241,16 +247,11 @@ impl Config {
         Ok(())
     }
 
-    pub fn socket_mode(&self) -> Result<u32, String> {
+    pub fn socket_mode(&self) -> Result<u32, BadSocketMode> {
         u32::from_str_radix(&self.daemon.socket_mode, 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                format!(
-                    "{:?} is not an octal mode like \"0660\"",
-                    self.daemon.socket_mode
-                )
-            })
+            .ok_or_else(|| BadSocketMode(self.daemon.socket_mode.clone()))
     }
 
     /// Key file paths, with relative ones resolved in `$CREDENTIALS_DIRECTORY` (systemd's
@@ -287,6 +288,19 @@ mod tests {
         let cfg = Config::load(p, true).unwrap();
         assert_eq!(cfg.compression, Compression::Zstd);
         assert!(!cfg.key_files.is_empty());
+    }
+
+    #[test]
+    fn read_error_has_its_cause_in_the_message_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Config::load(&dir.path().join("missing.toml"), true).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with(": No such file or directory (os error 2)"),
+            "{e}"
+        );
+        assert!(std::error::Error::source(&e).is_none());
     }
 
     #[test]

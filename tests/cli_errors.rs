@@ -1,6 +1,7 @@
 //! `nixpush push` refuses bad input before publishing anything: the error names the problem,
 //! the exit code is non-zero, and the cache holds no narinfo (and no NAR). Symlinks to store
-//! paths, as `nix-build` leaves them (`./result`), are followed.
+//! paths, as `nix-build` leaves them (`./result`), are followed. And every error is one line in
+//! exact words that says its cause once (`error_line_is`), for `push` and the other commands.
 
 mod common;
 
@@ -254,4 +255,124 @@ fn result_symlinks_are_followed() {
     let ni = RawNarInfo::read(&cache, &c.link);
     assert_eq!(ni.one("StorePath"), c.link);
     assert!(ni.all("Sig").is_empty(), "--no-sign, yet: {}", ni.text);
+}
+
+/// The single line `nixpush` printed for its error, checked word for word, and checked to
+/// contain `cause` exactly once: the top-level report prints an error and then each of its
+/// sources, so an error that has its cause both in its message and as its source says it twice.
+fn error_line_is(out: &Out, expected: &str, cause: &str) {
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!("nixpush: error: {expected}"),
+        "{}",
+        out.report()
+    );
+    assert_eq!(
+        out.stderr.matches(cause).count(),
+        1,
+        "the cause {cause:?} should appear exactly once: {}",
+        out.report()
+    );
+}
+
+#[test]
+fn unreadable_config_says_its_cause_once() {
+    let tmp = tempdir();
+    let missing = tmp.path().join("missing.toml");
+    let out = run_fail(nixpush().arg("daemon").arg("--config").arg(&missing));
+    error_line_is(
+        &out,
+        &format!(
+            "cannot read config {}: No such file or directory (os error 2)",
+            missing.display()
+        ),
+        "No such file or directory",
+    );
+    // `status` takes a missing file for the defaults, but not one it cannot read.
+    let out = run_fail(nixpush().arg("status").arg("--config").arg(tmp.path()));
+    error_line_is(
+        &out,
+        &format!(
+            "cannot read config {}: Is a directory (os error 21)",
+            tmp.path().display()
+        ),
+        "Is a directory",
+    );
+}
+
+#[test]
+fn unknown_compression_in_the_address_says_it_once() {
+    let c = small_closure();
+    let tmp = tempdir();
+    let addr = format!(
+        "file://{}?compression=lz9",
+        tmp.path().join("cache").display()
+    );
+    let out = run_fail(nixpush().args(["push", "--no-sign", "--to", &addr, &c.leaf]));
+    error_line_is(
+        &out,
+        &format!(
+            "cache address {addr:?}: unknown compression \"lz9\" \
+             (expected one of: none, xz, bzip2, zstd)"
+        ),
+        "unknown compression",
+    );
+}
+
+#[test]
+fn cache_error_says_its_cause_once() {
+    let c = small_closure();
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    // A directory where the cache's nix-cache-info belongs: reading it fails.
+    fs::create_dir_all(cache.join("nix-cache-info")).expect("mkdir");
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--no-sign", "--to"])
+            .arg(format!("file://{}", cache.display()))
+            .arg(&c.leaf),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "cache file://{}: get \"nix-cache-info\": Is a directory (os error 21)",
+            cache.display()
+        ),
+        "Is a directory",
+    );
+    assert_eq!(narinfo_files(&cache), Vec::<String>::new());
+}
+
+#[test]
+fn store_directory_itself_is_named_once() {
+    let store = store_dir();
+    let tmp = tempdir();
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--no-sign", "--to"])
+            .arg(tmp.path().join("cache"))
+            .arg(store),
+    );
+    error_line_is(
+        &out,
+        &format!("{store:?} does not name a store path: it is the store directory itself"),
+        store,
+    );
+}
+
+#[test]
+fn keygen_bad_name_is_said_once() {
+    let tmp = tempdir();
+    let out = run_fail(
+        nixpush()
+            .args(["keygen", "a b"])
+            .arg(tmp.path().join("s"))
+            .arg(tmp.path().join("p")),
+    );
+    error_line_is(
+        &out,
+        "key name \"a b\" is empty or contains whitespace",
+        "key name",
+    );
+    assert!(!tmp.path().join("s").exists(), "{}", out.report());
 }

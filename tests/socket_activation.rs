@@ -227,6 +227,52 @@ fn socket_activation_variables_for_another_process_or_too_many_sockets() {
     );
 }
 
+/// fd 3 is checked before it is used: something other than a listening Unix stream socket
+/// there (a wrong unit file, `Accept=yes`, a stray descriptor) is refused with a sentence that
+/// says what fd 3 is and what to do, before anything else happens.
+#[test]
+fn socket_activation_refuses_what_is_not_a_listening_unix_socket() {
+    let setup = Setup::new("");
+    let notify_path = setup.dir.path().join("notify.sock");
+    let _notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    let file = fs::File::create(setup.dir.path().join("not-a-socket")).expect("create");
+    let (connected, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let datagram = UnixDatagram::unbound().expect("socket");
+    let hint = "the socket unit must have exactly one ListenStream= with a path";
+    for (fd, what) in [
+        (
+            file.as_raw_fd(),
+            "file descriptor 3 is a regular file, not a socket",
+        ),
+        (
+            connected.as_raw_fd(),
+            "the socket on file descriptor 3 is not listening",
+        ),
+        (
+            datagram.as_raw_fd(),
+            "file descriptor 3 is not a stream socket",
+        ),
+    ] {
+        let out = run_with_timeout(
+            &mut activated(&setup, fd, "1", &notify_path),
+            Duration::from_secs(60),
+        );
+        assert!(!out.status.success(), "{}", out.report());
+        let expected = format!("nixpush: error: LISTEN_FDS=1, but {what}");
+        assert!(
+            out.stderr.starts_with(&expected) && out.stderr.contains(hint),
+            "expected {expected:?} and how to fix it: {}",
+            out.report()
+        );
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.report());
+        assert!(
+            !setup.socket.exists(),
+            "the daemon went on after refusing fd 3: {}",
+            out.report()
+        );
+    }
+}
+
 /// Whether `program` can be run at all.
 fn on_path(program: &str) -> bool {
     Command::new(program)

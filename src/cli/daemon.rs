@@ -23,8 +23,8 @@ pub struct DaemonArgs {
 }
 
 pub fn run(args: DaemonArgs, verbose: u8) -> anyhow::Result<ExitCode> {
-    // Before any thread exists: this clears the LISTEN_* variables.
-    let inherited = nixpush::daemon::systemd::take_listen_fd()?;
+    // Once, before anything else may open a descriptor that could be taken for fd 3.
+    let inherited = nixpush::daemon::systemd::listen_fd()?;
     let (path, explicit) = args.config.path();
     let cfg = Config::load(&path, explicit)?;
     super::init_tracing(verbose, &cfg.log_level);
@@ -74,10 +74,11 @@ async fn serve(
         Some(fd) => {
             let std_listener = std::os::unix::net::UnixListener::from(fd);
             std_listener.set_nonblocking(true)?;
+            // Checked to be a listening Unix stream socket already; this only registers it.
             tokio::net::UnixListener::from_std(std_listener)
-                .context("the socket passed by systemd is not a listening Unix socket")?
+                .context("cannot use the socket passed by systemd")?
         }
-        None => bind(&cfg.socket, cfg.socket_mode().map_err(anyhow::Error::msg)?)?,
+        None => bind(&cfg.socket, cfg.socket_mode()?)?,
     };
     let settings = Settings {
         queue_dir: cfg.queue_dir.clone(),
@@ -87,7 +88,8 @@ async fn serve(
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
     };
     let pusher = Pusher::new(store, backend, opts);
-    daemon::run(pusher, settings, listener, shutdown_signal()).await
+    daemon::run(pusher, settings, listener, shutdown_signal()).await?;
+    Ok(())
 }
 
 fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {

@@ -22,7 +22,8 @@ pub struct KeygenArgs {
 pub fn run(args: KeygenArgs) -> anyhow::Result<ExitCode> {
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).context("cannot get randomness from the OS")?;
-    let key = SecretKey::from_seed(&args.name, seed).context("invalid key name")?;
+    // Its message says what is wrong with the name, and names it.
+    let key = SecretKey::from_seed(&args.name, seed)?;
     write_new(&args.secret, key.to_file_string().as_bytes(), 0o600)?;
     if let Err(e) = write_new(
         &args.public,

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use indicatif::HumanBytes;
 use nixpush::address::Address;
+use nixpush::formats::store_path::StorePathError;
 use nixpush::formats::{Compression, StoreDir, StorePath};
 use nixpush::publish::pipeline::{self, CompressOptions};
 use nixpush::publish::plan::Root;
@@ -78,9 +79,16 @@ fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
         normalize(&std::path::absolute(arg).with_context(|| format!("invalid path {arg:?}"))?);
     for _ in 0..40 {
         if p.starts_with(store_dir.as_str()) {
-            return store_dir
-                .containing(&p)
-                .with_context(|| format!("{arg:?} does not name a store path"));
+            return match store_dir.containing(&p) {
+                Ok(path) => Ok(path),
+                // Normalised and under the store directory, yet not in it: the directory itself,
+                // which the error's own message would call "not in the Nix store".
+                Err(StorePathError::NotInStore { .. }) => {
+                    bail!("{arg:?} does not name a store path: it is the store directory itself")
+                }
+                // These name the base name that is wrong; the argument may have been longer.
+                Err(e) => Err(e).with_context(|| format!("{arg:?} does not name a store path")),
+            };
         }
         // Not in the store, and not there at all: say the first, which is the problem
         // (`/nix/store/../etc` names `/nix/etc`), with the second as its cause.
@@ -201,8 +209,8 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     if s.failed.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        for (p, e, _) in &s.failed {
-            eprintln!("nixpush: error: {}: {e}", sd.display(p));
+        for f in &s.failed {
+            eprintln!("nixpush: error: {}: {}", sd.display(&f.path), f.error);
         }
         Ok(ExitCode::FAILURE)
     }

@@ -76,30 +76,55 @@ fn items_from_env() -> Vec<String> {
     }
 }
 
+/// Why the daemon did not take a request. Each message is whole by itself (a cause is part of
+/// it, not also the `source()`).
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("{}: {error}", socket.display())]
+    Connect {
+        socket: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(std::io::Error),
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    #[error("sending: {0}")]
+    Send(std::io::Error),
+    #[error("waiting for the daemon: {0}")]
+    Receive(std::io::Error),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer")]
+    Unexpected,
+    #[error("unreadable answer: {0}")]
+    Unreadable(serde_json::Error),
+}
+
 /// Hand `items` to the daemon; `Err` says why not.
-fn send(socket: &Path, items: &[String], timeout: Duration) -> Result<(), String> {
-    let mut stream =
-        UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+fn send(socket: &Path, items: &[String], timeout: Duration) -> Result<(), SendError> {
+    let mut stream = UnixStream::connect(socket).map_err(|error| SendError::Connect {
+        socket: socket.to_owned(),
+        error,
+    })?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
+        .map_err(SendError::Setup)?;
     let mut msg = serde_json::to_vec(&Request::Enqueue {
         items: items.to_vec(),
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(SendError::Encode)?;
     msg.push(b'\n');
-    stream
-        .write_all(&msg)
-        .map_err(|e| format!("sending: {e}"))?;
+    stream.write_all(&msg).map_err(SendError::Send)?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
-        .map_err(|e| format!("waiting for the daemon: {e}"))?;
+        .map_err(SendError::Receive)?;
     match serde_json::from_str::<Response>(&line) {
         Ok(Response::Queued { .. }) => Ok(()),
-        Ok(Response::Error { message }) => Err(format!("the daemon refused: {message}")),
-        Ok(_) => Err("unexpected answer".into()),
-        Err(e) => Err(format!("unreadable answer: {e}")),
+        Ok(Response::Error { message }) => Err(SendError::Refused(message)),
+        Ok(_) => Err(SendError::Unexpected),
+        Err(e) => Err(SendError::Unreadable(e)),
     }
 }

@@ -35,9 +35,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument as _};
 
-use crate::formats::StorePath;
+use crate::formats::{StoreDir, StorePath};
 use crate::publish::plan::Root;
-use crate::publish::{Event, EventSink, PushError, Pusher, Summary};
+use crate::publish::{Event, EventSink, Failed, PushError, Pusher, Summary};
 use crate::store::Store;
 use protocol::{ErrorRecord, Request, Response, StatusReport};
 use queue::{Entry, Item, Queue, Read};
@@ -96,18 +96,29 @@ impl Shared {
     }
 }
 
+/// Why the daemon could not start. Each message is whole by itself (the cause is part of it,
+/// not also the `source()`).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open queue directory {}: {error}", dir.display())]
+    Queue {
+        dir: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot start the worker's threads: {0}")]
+    Worker(std::io::Error),
+}
+
 /// Run the daemon until `shutdown` completes, then wind down.
 pub async fn run(
     pusher: Pusher,
     settings: Settings,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let queue = Queue::open(&settings.queue_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open queue directory {}: {e}",
-            settings.queue_dir.display()
-        )
+) -> Result<(), StartError> {
+    let queue = Queue::open(&settings.queue_dir).map_err(|error| StartError::Queue {
+        dir: settings.queue_dir.clone(),
+        error,
     })?;
     queue.clean_stale_temps(Duration::from_secs(3600));
     let shared = Arc::new(Shared {
@@ -122,8 +133,7 @@ pub async fn run(
 
     // The watcher only nudges; the worker's periodic rescan catches whatever it misses.
     let _watcher = start_watcher(&shared);
-    let worker_rt = WorkerRuntime::new()
-        .map_err(|e| anyhow::anyhow!("cannot start the worker's threads: {e}"))?;
+    let worker_rt = WorkerRuntime::new().map_err(StartError::Worker)?;
     let worker = worker_rt.spawn(worker(shared.clone(), stop_rx.clone()));
     let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
     if let Some(interval) = crate::daemon::systemd::watchdog_interval() {
@@ -248,7 +258,9 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) {
                 line.pop();
             }
             match protocol::parse_request(&line) {
-                Err(message) => Response::Error { message },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
                 Ok(Request::Status {}) => Response::Status(status_report(&shared).await),
                 Ok(Request::Enqueue { items }) => enqueue(&shared, &items).await,
             }
@@ -269,7 +281,11 @@ async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
     for r in raw {
         match Item::parse(&sd, r) {
             Ok(i) => items.push(i),
-            Err(message) => return Response::Error { message },
+            Err(e) => {
+                return Response::Error {
+                    message: e.to_string(),
+                }
+            }
         }
     }
     if items.is_empty() {
@@ -529,7 +545,7 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     };
     let mut progressed = false;
     for (entry, reason) in invalid {
-        reject(&shared, &entry, &reason);
+        reject(&shared, &entry, &reason.to_string());
         progressed = true;
     }
     if ready.is_empty() {
@@ -562,11 +578,12 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
         return Pass::Progressed { backlog };
     }
     if let Err(f) = &batch_result {
-        if f.transient {
+        if f.is_transient() {
             // The cache or Nix is unreachable: every entry would fail the same way, so retry
             // the batch rather than going through it entry by entry.
-            warn!(error = %f.message, "publishing failed; will retry");
-            shared.record_error(f.message.clone());
+            let message = f.message(shared.store().store_dir());
+            warn!(error = %message, "publishing failed; will retry");
+            shared.record_error(message);
             return Pass::RetryLater;
         }
     }
@@ -596,36 +613,57 @@ async fn process_pass(shared: Arc<Shared>) -> Pass {
     }
 }
 
-/// A failure of one entry, and whether it is worth retrying.
-struct Failure {
-    message: String,
-    transient: bool,
+/// Why an entry (or a batch) was not published.
+#[derive(Debug)]
+enum Failure {
+    /// The push did not start or did not finish: the cache or Nix was unreachable, or a path
+    /// is not valid.
+    Push(PushError),
+    /// These paths failed; the others were published.
+    Paths(Vec<Failed>),
 }
 
 impl From<PushError> for Failure {
     fn from(e: PushError) -> Self {
-        Failure {
-            transient: e.is_transient(),
-            message: e.to_string(),
+        Failure::Push(e)
+    }
+}
+
+impl Failure {
+    /// Whether retrying later may succeed: only if it may for every path that failed.
+    fn is_transient(&self) -> bool {
+        match self {
+            Failure::Push(e) => e.is_transient(),
+            Failure::Paths(failed) => failed.iter().all(Failed::is_transient),
+        }
+    }
+
+    /// For the log, `status` and the `.reason` file of a rejected entry.
+    fn message(&self, sd: &StoreDir) -> String {
+        match self {
+            Failure::Push(e) => e.to_string(),
+            Failure::Paths(failed) => failed
+                .iter()
+                .map(|f| format!("{}: {}", sd.display(&f.path), f.error))
+                .collect::<Vec<_>>()
+                .join("; "),
         }
     }
 }
 
 fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Failure>) -> Pass {
-    match result {
-        Ok(()) => {
-            finish(shared, entry);
-            Pass::Progressed { backlog: false }
-        }
-        Err(f) if f.transient => {
-            warn!(entry = %entry.name, error = %f.message, "publishing failed; will retry");
-            shared.record_error(f.message);
-            Pass::RetryLater
-        }
-        Err(f) => {
-            reject(shared, entry, &f.message);
-            Pass::Progressed { backlog: false }
-        }
+    let Err(f) = result else {
+        finish(shared, entry);
+        return Pass::Progressed { backlog: false };
+    };
+    let message = f.message(shared.store().store_dir());
+    if f.is_transient() {
+        warn!(entry = %entry.name, error = %message, "publishing failed; will retry");
+        shared.record_error(message);
+        Pass::RetryLater
+    } else {
+        reject(shared, entry, &message);
+        Pass::Progressed { backlog: false }
     }
 }
 
@@ -696,17 +734,10 @@ async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<(), Failure> 
         );
     }
     if summary.failed.is_empty() {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(Failure::Paths(summary.failed))
     }
-    let sd = shared.store().store_dir();
-    let transient = summary.failed.iter().all(|(_, _, t)| *t);
-    let message = summary
-        .failed
-        .iter()
-        .map(|(p, e, _)| format!("{}: {e}", sd.display(p)))
-        .collect::<Vec<_>>()
-        .join("; ");
-    Err(Failure { message, transient })
 }
 
 /// Exponential backoff with full jitter, capped; never gives up.

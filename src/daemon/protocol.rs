@@ -57,12 +57,22 @@ pub struct ErrorRecord {
     pub message: String,
 }
 
+/// Why a request line was refused; its text is what the client gets back.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request larger than {MAX_MESSAGE} bytes")]
+    TooLarge,
+    // The cause is in the message, so it is not also the `source()` (printed once).
+    #[error("malformed request: {0}")]
+    Malformed(serde_json::Error),
+}
+
 /// Parse one request line (without its newline).
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
     if line.len() > MAX_MESSAGE {
-        return Err(format!("request larger than {MAX_MESSAGE} bytes"));
+        return Err(RequestError::TooLarge);
     }
-    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+    serde_json::from_slice(line).map_err(RequestError::Malformed)
 }
 
 #[cfg(test)]

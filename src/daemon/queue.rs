@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::formats::store_path::StorePathError;
 use crate::formats::{StoreDir, StorePath};
 
 pub const MAX_ENTRY_BYTES: u64 = 1 << 20;
@@ -44,19 +45,34 @@ pub enum Item {
     Outputs(StorePath),
 }
 
+/// Why an item of a request or entry is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ItemError {
+    #[error(transparent)]
+    StorePath(#[from] StorePathError),
+    #[error("{0:?}: '^*' follows a path that is not a .drv")]
+    NotDerivation(String),
+}
+
+/// Why an entry's text is not a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error(transparent)]
+    Item(#[from] ItemError),
+    #[error("the entry names no store path")]
+    Empty,
+}
+
 impl Item {
-    pub fn parse(store_dir: &StoreDir, s: &str) -> Result<Self, String> {
+    pub fn parse(store_dir: &StoreDir, s: &str) -> Result<Self, ItemError> {
         if let Some(drv) = s.strip_suffix("^*") {
-            let p = store_dir.parse(drv).map_err(|e| e.to_string())?;
+            let p = store_dir.parse(drv)?;
             if !p.is_derivation() {
-                return Err(format!("{s:?}: '^*' follows a path that is not a .drv"));
+                return Err(ItemError::NotDerivation(s.to_owned()));
             }
             Ok(Item::Outputs(p))
         } else {
-            store_dir
-                .parse(s)
-                .map(Item::Path)
-                .map_err(|e| e.to_string())
+            Ok(Item::Path(store_dir.parse(s)?))
         }
     }
 
@@ -69,7 +85,7 @@ impl Item {
 }
 
 /// Parse an entry's text. Every item must be valid, or the whole entry is refused.
-pub fn parse_entry(store_dir: &StoreDir, text: &str) -> Result<Vec<Item>, String> {
+pub fn parse_entry(store_dir: &StoreDir, text: &str) -> Result<Vec<Item>, EntryError> {
     let mut items = Vec::new();
     for line in text.lines() {
         if line.trim_start().starts_with('#') {
@@ -80,7 +96,7 @@ pub fn parse_entry(store_dir: &StoreDir, text: &str) -> Result<Vec<Item>, String
         }
     }
     if items.is_empty() {
-        return Err("the entry names no store path".into());
+        return Err(EntryError::Empty);
     }
     items.sort();
     items.dedup();
@@ -104,10 +120,30 @@ pub enum Read {
     Items(Vec<Item>),
     /// Not parsable yet, but young enough that a writer may still be at it.
     NotReady,
-    /// Never going to be valid: reject with this reason.
-    Invalid(String),
+    /// Never going to be valid: reject it, with this reason.
+    Invalid(InvalidEntry),
     /// Gone meanwhile (another process finished it).
     Gone,
+}
+
+/// Why an entry can never be published as it is. Each message is whole by itself (a cause is
+/// part of it, not also the `source()`); it goes into the entry's `.reason` file.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidEntry {
+    #[error("cannot inspect: {0}")]
+    Inspect(io::Error),
+    #[error("the entry is a symlink; entries must be regular files")]
+    Symlink,
+    #[error("the entry is not a regular file")]
+    NotAFile,
+    #[error("the entry is {0} bytes, more than the limit of {MAX_ENTRY_BYTES}")]
+    TooLarge(u64),
+    #[error("the entry is not UTF-8 text")]
+    NotUtf8,
+    #[error("cannot read: {0}")]
+    Read(io::Error),
+    #[error(transparent)]
+    Parse(#[from] EntryError),
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -189,19 +225,16 @@ impl Queue {
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
-            Err(e) => return Read::Invalid(format!("cannot inspect: {e}")),
+            Err(e) => return Read::Invalid(InvalidEntry::Inspect(e)),
         };
         if meta.file_type().is_symlink() {
-            return Read::Invalid("the entry is a symlink; entries must be regular files".into());
+            return Read::Invalid(InvalidEntry::Symlink);
         }
         if !meta.is_file() {
-            return Read::Invalid("the entry is not a regular file".into());
+            return Read::Invalid(InvalidEntry::NotAFile);
         }
         if meta.len() > MAX_ENTRY_BYTES {
-            return Read::Invalid(format!(
-                "the entry is {} bytes, more than the limit of {MAX_ENTRY_BYTES}",
-                meta.len()
-            ));
+            return Read::Invalid(InvalidEntry::TooLarge(meta.len()));
         }
         let young = meta
             .modified()
@@ -218,14 +251,14 @@ impl Queue {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Read::Invalid("the entry is not UTF-8 text".into())
+                return Read::Invalid(InvalidEntry::NotUtf8)
             }
-            Err(e) => return Read::Invalid(format!("cannot read: {e}")),
+            Err(e) => return Read::Invalid(InvalidEntry::Read(e)),
         }
         match parse_entry(store_dir, &text) {
             Ok(items) => Read::Items(items),
             Err(_) if young => Read::NotReady,
-            Err(reason) => Read::Invalid(reason),
+            Err(e) => Read::Invalid(e.into()),
         }
     }
 
@@ -433,7 +466,8 @@ mod tests {
         let Read::Invalid(why) = q.read(&sd(), &e) else {
             panic!()
         };
-        q.reject(&e, &why).unwrap();
+        assert!(matches!(why, InvalidEntry::Symlink), "{why}");
+        q.reject(&e, &why.to_string()).unwrap();
         assert!(dir.path().join("rejected/link.reason").exists());
         assert!(q.scan().unwrap().is_empty());
     }

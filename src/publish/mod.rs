@@ -66,13 +66,10 @@ pub enum Event {
         file_size: u64,
     },
     /// Another writer published the narinfo first; ours was not written.
-    AlreadyPublished {
-        path: StorePath,
-        nar_size: u64,
-    },
+    AlreadyPublished { path: StorePath, nar_size: u64 },
     Failed {
         path: StorePath,
-        error: String,
+        error: Arc<PathError>,
     },
 }
 
@@ -85,20 +82,33 @@ pub struct Summary {
     pub raced: usize,
     pub nar_bytes: u64,
     pub file_bytes: u64,
-    /// Paths that failed, with the error and whether retrying may help.
-    pub failed: Vec<(StorePath, String, bool)>,
+    /// Paths that failed, each with why.
+    pub failed: Vec<Failed>,
 }
 
+/// A path that could not be published, and why. The error is shared with the [`Event::Failed`]
+/// that reported it and with the paths that were held back because they refer to it.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub path: StorePath,
+    pub error: Arc<PathError>,
+}
+
+impl Failed {
+    /// Whether retrying later may succeed (see [`PathError::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.error.is_transient()
+    }
+}
+
+/// Why a push could not start or finish. Each message is whole by itself: a cause is part of
+/// it and not also the `source()`, so a report of the chain of causes shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cache {cache}: {source}")]
-    Backend {
-        cache: String,
-        #[source]
-        source: BackendError,
-    },
+    #[error("cache {cache}: {error}")]
+    Backend { cache: String, error: BackendError },
     #[error("cache {cache} has an unreadable nix-cache-info: {message}")]
     CacheInfo { cache: String, message: String },
     #[error("cache {cache} is for store {theirs:?}, but this store is {ours:?}")]
@@ -141,7 +151,7 @@ impl PushError {
     pub fn is_transient(&self) -> bool {
         match self {
             PushError::Store(e) => e.is_transient(),
-            PushError::Backend { source, .. } => is_transient_backend(source),
+            PushError::Backend { error, .. } => is_transient_backend(error),
             PushError::CacheInfo { .. } | PushError::StoreDirMismatch { .. } => false,
         }
     }
@@ -154,8 +164,8 @@ impl PathError {
         match self {
             PathError::Pipeline(e) => match e {
                 // The path vanished (garbage-collected) or changed under us: final.
-                pipeline::PipelineError::Dump(nar::DumpError::Io { source, .. }) => !matches!(
-                    source.kind(),
+                pipeline::PipelineError::Dump(nar::DumpError::Io { error, .. }) => !matches!(
+                    error.kind(),
                     std::io::ErrorKind::NotFound
                         | std::io::ErrorKind::InvalidData
                         | std::io::ErrorKind::UnexpectedEof
@@ -208,10 +218,10 @@ impl Pusher {
         self.backend.describe()
     }
 
-    fn backend_err(&self, source: BackendError) -> PushError {
+    fn backend_err(&self, error: BackendError) -> PushError {
         PushError::Backend {
             cache: self.backend.describe(),
-            source,
+            error,
         }
     }
 
@@ -319,7 +329,7 @@ impl Pusher {
                     summary.file_bytes += file_size;
                 }
                 Ok(Outcome::Raced) => summary.raced += 1,
-                Err(e) => summary.failed.push((path, e.to_string(), e.is_transient())),
+                Err(error) => summary.failed.push(Failed { path, error }),
             }
         }
         Ok(summary)
@@ -374,11 +384,12 @@ impl Pusher {
             let nar_size = info.nar_size;
             let fut = async move {
                 publish_one(&ctx, &info, slot, deps).await.map_err(|e| {
+                    let error = Arc::new(e);
                     (ctx.events)(&Event::Failed {
                         path: info.path.clone(),
-                        error: e.to_string(),
+                        error: error.clone(),
                     });
-                    Arc::new(e)
+                    error
                 })
             }
             .instrument(span)

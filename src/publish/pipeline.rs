@@ -40,12 +40,9 @@ pub enum PipelineError {
     Dump(#[from] nar::DumpError),
     #[error("cannot read the NAR that the nix-daemon sent: {0}")]
     Stream(io::Error),
-    #[error("cannot create a staging file in {dir}: {source}")]
-    Staging {
-        dir: String,
-        #[source]
-        source: io::Error,
-    },
+    // The cause is in the message, so it is not also the `source()` (printed once).
+    #[error("cannot create a staging file in {dir}: {error}")]
+    Staging { dir: String, error: io::Error },
     #[error("{compression} compression level {level} is out of range ({range})")]
     Level {
         compression: Compression,
@@ -102,9 +99,9 @@ pub fn stage(
         // cache files (0666 less the umask), not tempfile's 0600.
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
-        .map_err(|source| PipelineError::Staging {
+        .map_err(|error| PipelineError::Staging {
             dir: dir.display().to_string(),
-            source,
+            error,
         })?;
     let (file, path) = tmp.into_parts();
     let sink_err = |e: io::Error| PipelineError::Dump(nar::DumpError::Sink(e));

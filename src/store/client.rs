@@ -619,6 +619,11 @@ async fn connect(endpoint: &Endpoint) -> Result<Connection, StoreError> {
         Endpoint::Stdio(program) => {
             let mut child = Command::new(program)
                 .arg("--stdio")
+                // Socket activation and sd_notify are the daemon's, not for Nix.
+                .env_remove("LISTEN_PID")
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_FDNAMES")
+                .env_remove("NOTIFY_SOCKET")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

@@ -11,18 +11,16 @@ use super::{Finished, Node, Writer};
 /// Copy buffer for file contents: large reads keep syscalls off the profile.
 const BUF_SIZE: usize = 1 << 20;
 
+/// Each message is whole by itself: the I/O error is part of it and not also the `source()`,
+/// so a report that prints the chain of causes shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
-    #[error("cannot archive {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot archive {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("cannot archive {0}: not a regular file, directory or symlink")]
     UnsupportedType(PathBuf),
     #[error("writing the archive: {0}")]
-    Sink(#[source] io::Error),
+    Sink(io::Error),
 }
 
 /// Write the NAR of `path` into `out` and give `out` back.
@@ -34,9 +32,9 @@ pub fn dump<W: Write>(path: &Path, out: W) -> Result<W, DumpError> {
 }
 
 fn node<W: Write>(path: &Path, n: Node<'_, W>, buf: &mut [u8]) -> Result<Finished<W>, DumpError> {
-    let at = |source| DumpError::Io {
+    let at = |error| DumpError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let meta = fs::symlink_metadata(path).map_err(at)?;
     let ft = meta.file_type();
@@ -72,5 +70,25 @@ fn node<W: Write>(path: &Path, n: Node<'_, W>, buf: &mut [u8]) -> Result<Finishe
         dir.close().map_err(DumpError::Sink)
     } else {
         Err(DumpError::UnsupportedType(path.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_path_is_named_with_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone");
+        let e = dump(&missing, Vec::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot archive {}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        assert!(std::error::Error::source(&e).is_none());
     }
 }
