@@ -561,11 +561,27 @@ pub struct NixPathInfo {
     pub signatures: Vec<String>,
 }
 
+/// Whether this Nix takes `--json-format` (2.34 does, and warns that `--json` without it will
+/// become an error; 2.8 refuses it as an unknown flag).
+pub fn nix_has_json_format() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        run(nix().args(["path-info", "--json-format", "1", "--help"]))
+            .status
+            .success()
+    })
+}
+
 /// `nix path-info --json --recursive PATHS` in `store` (None: the local store), keyed by path.
-/// Reads the list Nix 2.8 prints and the object newer Nix prints.
+/// Reads JSON format 1: the list Nix 2.8 prints and the object keyed by full path that newer
+/// Nix prints (asked for with `--json-format 1` where Nix has the flag: format 2 keys by base
+/// name and gives `ca` as an object).
 pub fn nix_path_info(store: Option<&str>, paths: &[String]) -> BTreeMap<String, NixPathInfo> {
     let mut cmd = nix();
     cmd.args(["path-info", "--json", "--recursive"]);
+    if nix_has_json_format() {
+        cmd.args(["--json-format", "1"]);
+    }
     if let Some(s) = store {
         cmd.args(["--store", s]);
     }
@@ -600,7 +616,11 @@ pub fn nix_path_info(store: Option<&str>, paths: &[String]) -> BTreeMap<String, 
                 nar_size: v["narSize"].as_u64().expect("narSize"),
                 references,
                 deriver: v["deriver"].as_str().map(str::to_owned),
-                ca: v["ca"].as_str().map(str::to_owned),
+                ca: match &v["ca"] {
+                    serde_json::Value::Null => None,
+                    serde_json::Value::String(ca) => Some(ca.clone()),
+                    other => panic!("{path}: `ca` is not format 1's string: {other}"),
+                },
                 signatures: strs(&v["signatures"]),
             };
             (path, info)
