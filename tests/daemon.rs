@@ -912,7 +912,18 @@ fn worker_threads_run_below_the_request_handlers() {
         }
         out
     };
-    let all = threads(daemon.pid());
+    // The worker's runtime starts beside the socket, not before it answers.
+    let pid = daemon.pid();
+    wait_until(
+        PATIENCE,
+        || format!("no worker threads in {:?}", threads(pid)),
+        || {
+            threads(pid)
+                .iter()
+                .any(|(c, _)| c.starts_with("nixpush-worker"))
+        },
+    );
+    let all = threads(pid);
     let main_nice = all
         .iter()
         .find(|(c, _)| c == "nixpush")

@@ -37,6 +37,8 @@ async fn serve(
     config_path: &Path,
     inherited: Option<std::os::fd::OwnedFd>,
 ) -> anyhow::Result<()> {
+    // Before the socket exists, so no request can see a daemon that SIGTERM would kill.
+    let shutdown = shutdown_signal()?;
     let addr = Address::parse(&cfg.cache)?;
     let mut key_files = cfg.resolved_key_files(config_path);
     key_files.extend(addr.secret_key.clone());
@@ -88,7 +90,7 @@ async fn serve(
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
     };
     let pusher = Pusher::new(store, backend, opts);
-    daemon::run(pusher, settings, listener, shutdown_signal()).await?;
+    daemon::run(pusher, settings, listener, shutdown).await?;
     Ok(())
 }
 
@@ -112,17 +114,17 @@ fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-async fn shutdown_signal() {
+/// A future that completes on SIGTERM or SIGINT. The handlers are installed here, at once,
+/// not when the future is first polled: a SIGTERM that arrives between binding the socket and
+/// the first poll must stop the daemon cleanly, not kill it by the default action.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the default action (exit) still applies.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    })
 }
