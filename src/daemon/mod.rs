@@ -37,8 +37,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Notify, Semaphore};
-use tracing::{debug, error, info, info_span, warn, Instrument as _};
+use tokio::sync::{Notify, Semaphore, watch};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::formats::{StoreDir, StorePath};
 use crate::publish::plan::Root;

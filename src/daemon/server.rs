@@ -84,7 +84,7 @@ pub(super) async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
             Err(e) => {
                 return Response::Error {
                     message: e.to_string(),
-                }
+                };
             }
         }
     }

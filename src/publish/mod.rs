@@ -23,7 +23,7 @@ pub mod plan;
 pub mod presence;
 mod schedule;
 
-use path::{publish_one, Ctx, Outcome, UPLOADS_PER_JOB};
+use path::{Ctx, Outcome, UPLOADS_PER_JOB, publish_one};
 use schedule::{hand_out_slots, topological};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -34,11 +34,11 @@ use futures::future::{BoxFuture, FutureExt as _, Shared};
 use nixpush_backends::{
     Backend, BackendError, BackendExt as _, Body, ErrorKind, PutMode, PutOptions,
 };
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info_span, Instrument as _};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tracing::{Instrument as _, debug, info_span};
 
 use crate::formats::signing::{self, SecretKey};
-use crate::formats::{cache_info, cache_info::CacheInfo, nar, NarInfo, StorePath};
+use crate::formats::{NarInfo, StorePath, cache_info, cache_info::CacheInfo, nar};
 use crate::store::{self, PathInfo, Store, StoreError};
 use pipeline::CompressOptions;
 

@@ -15,7 +15,7 @@ pub(super) fn hand_out_slots(
     topological: Vec<StorePath>,
     senders: HashMap<StorePath, oneshot::Sender<OwnedSemaphorePermit>>,
     jobs: usize,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
+) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
     let mut largest: Vec<(u64, StorePath)> = to_push
         .values()
         .map(|i| (i.nar_size, i.path.clone()))
@@ -78,7 +78,7 @@ pub(super) fn topological(paths: &BTreeMap<StorePath, Arc<PathInfo>>) -> Vec<Sto
     }
     let mut ready: Vec<&StorePath> = indegree
         .iter()
-        .filter(|(_, &n)| n == 0)
+        .filter(|&(_, &n)| n == 0)
         .map(|(p, _)| *p)
         .collect();
     ready.sort();
