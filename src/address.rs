@@ -10,8 +10,8 @@
 
 use std::path::PathBuf;
 
-use crate::formats::compression::UnknownCompression;
 use crate::formats::Compression;
+use crate::formats::compression::UnknownCompression;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Address {

@@ -178,7 +178,7 @@ impl Config {
                 return Err(ConfigError::Read {
                     path: path.to_owned(),
                     error,
-                })
+                });
             }
         };
         Self::parse(path, &text)

@@ -236,10 +236,12 @@ fn push_and_substitute(compression: &str) {
         fs::read_link(small.join("dir/rel-link")).expect("rel-link"),
         Path::new("../bin/exe")
     );
-    assert!(fs::read_dir(small.join("empty-dir"))
-        .expect("empty-dir")
-        .next()
-        .is_none());
+    assert!(
+        fs::read_dir(small.join("empty-dir"))
+            .expect("empty-dir")
+            .next()
+            .is_none()
+    );
     assert_eq!(
         fs::metadata(small.join("empty-file"))
             .expect("empty-file")

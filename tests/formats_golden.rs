@@ -3,13 +3,13 @@
 //! with the command named next to it.
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt as _};
+use std::os::unix::fs::{PermissionsExt as _, symlink};
 use std::path::{Path, PathBuf};
 
 use nixpush::formats::cache_info::CacheInfo;
 use nixpush::formats::nar;
 use nixpush::formats::nixbase32;
-use nixpush::formats::signing::{fingerprint, PublicKey, SecretKey};
+use nixpush::formats::signing::{PublicKey, SecretKey, fingerprint};
 use nixpush::formats::{NarInfo, Sha256};
 
 fn fixture_path(name: &str) -> PathBuf {

@@ -10,7 +10,7 @@ use nixpush::daemon::protocol::parse_request;
 use nixpush::daemon::queue::parse_entry;
 use nixpush::formats::cache_info::CacheInfo;
 use nixpush::formats::signing::{PublicKey, SecretKey};
-use nixpush::formats::{nixbase32, NarInfo, Sha256, StoreDir};
+use nixpush::formats::{NarInfo, Sha256, StoreDir, nixbase32};
 use proptest::prelude::*;
 
 const NARINFO: &str = include_str!("fixtures/top.narinfo");

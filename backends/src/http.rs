@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt as _;
-use reqwest::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, IF_NONE_MATCH};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, IF_NONE_MATCH};
 use reqwest::{Method, StatusCode};
 
 use crate::{Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, PutMode, PutOptions};

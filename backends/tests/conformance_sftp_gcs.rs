@@ -275,10 +275,11 @@ async fn sftp_reconnects_after_the_connection_drops() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Each idempotent operation gets through, on a new connection if need be.
-    assert!(b
-        .exists("a")
-        .await
-        .expect("exists after the connection died"));
+    assert!(
+        b.exists("a")
+            .await
+            .expect("exists after the connection died")
+    );
     assert_eq!(&get_all(&b, "a").await[..], b"1");
     assert_eq!(b.list("").await.unwrap(), ["a"]);
     b.put("b", Body::Bytes("2".into()), opts(PutMode::Create))

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use indicatif::HumanBytes;
 use nixpush::address::Address;
 use nixpush::formats::store_path::StorePathError;
@@ -130,7 +130,9 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         .map(|f| super::read_key(f))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if keys.is_empty() && !args.no_sign {
-        bail!("no signing key: give --key-file FILE (or NIXPUSH_KEY_FILE), or --no-sign to publish unsigned paths on purpose");
+        bail!(
+            "no signing key: give --key-file FILE (or NIXPUSH_KEY_FILE), or --no-sign to publish unsigned paths on purpose"
+        );
     }
 
     let mut raw: Vec<String> = args.paths.iter().filter(|p| *p != "-").cloned().collect();

@@ -251,7 +251,7 @@ impl Queue {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Read::Invalid(InvalidEntry::NotUtf8)
+                return Read::Invalid(InvalidEntry::NotUtf8);
             }
             Err(e) => return Read::Invalid(InvalidEntry::Read(e)),
         }

@@ -125,7 +125,7 @@ pub fn listen_fd() -> Result<Option<OwnedFd>, ListenError> {
 
 fn check_listening_unix_stream(fd: &OwnedFd) -> Result<(), ListenError> {
     use rustix::fs::FileType;
-    use rustix::net::{sockopt, AddressFamily, SocketType};
+    use rustix::net::{AddressFamily, SocketType, sockopt};
     let inspect = |e: rustix::io::Errno| ListenError::Inspect(e.into());
     let stat = rustix::fs::fstat(fd).map_err(inspect)?;
     let what = match FileType::from_raw_mode(stat.st_mode) {

@@ -4,8 +4,8 @@
 //! prints SRI (`sha256-<base64>`). Reading accepts every form Nix's `Hash::parseAny` accepts for
 //! sha256: `sha256:` followed by nixbase32 (52), hex (64) or base64 (44), or SRI.
 
-use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use std::fmt;
 
 use super::nixbase32;

@@ -28,11 +28,7 @@ pub enum DecodeError {
 
 /// Length of the encoding of `n` bytes.
 pub const fn encoded_len(n: usize) -> usize {
-    if n == 0 {
-        0
-    } else {
-        (n * 8 - 1) / 5 + 1
-    }
+    if n == 0 { 0 } else { (n * 8 - 1) / 5 + 1 }
 }
 
 /// Length in bytes of a valid encoding of `len` characters.

@@ -10,8 +10,8 @@
 //! `1;<store path>;sha256:<NarHash nixbase32>;<NarSize>;<reference store paths, sorted, joined by ",">`
 //! and the narinfo carries `Sig: <name>:<base64 of the 64-byte detached ed25519 signature>`.
 
-use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use std::fmt;
 

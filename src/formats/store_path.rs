@@ -213,9 +213,10 @@ mod tests {
             "a".repeat(212)
         );
         assert!(sd.parse(&long).is_err());
-        assert!(sd
-            .containing(Path::new("/nix/store/../etc/passwd"))
-            .is_err());
+        assert!(
+            sd.containing(Path::new("/nix/store/../etc/passwd"))
+                .is_err()
+        );
         for bad in ["nix/store", "/nix/store/", "/nix/../store", "/"] {
             assert!(StoreDir::new(bad).is_err(), "{bad}");
         }

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use sha2::Digest as _;
 
-use crate::formats::{nar, Compression, Sha256};
+use crate::formats::{Compression, Sha256, nar};
 use crate::store::NarSource;
 
 /// Below this NAR size a single compression thread is as fast and wastes no start-up work.

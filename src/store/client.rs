@@ -545,13 +545,13 @@ async fn read_log_from(
                 return Err(StoreError::Protocol {
                     op,
                     message: "the daemon asked for data that this operation does not send".into(),
-                })
+                });
             }
             other => {
                 return Err(StoreError::Protocol {
                     op,
                     message: format!("unknown log message {other:#x}"),
-                })
+                });
             }
         }
     }
@@ -571,7 +571,7 @@ async fn skip_fields(r: &mut Reader) -> io::Result<()> {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("unknown field type {t}"),
-                ))
+                ));
             }
         }
     }

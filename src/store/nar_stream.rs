@@ -172,7 +172,7 @@ impl<'a, R: AsyncRead + Unpin> NarCopier<'a, R> {
                     return Err(bad(format!(
                         "unknown node type {:?}",
                         String::from_utf8_lossy(other)
-                    )))
+                    )));
                 }
             };
             // Find the next node: a finished node closes the entry it was in (unless it is
@@ -200,7 +200,7 @@ impl<'a, R: AsyncRead + Unpin> NarCopier<'a, R> {
                         return Err(bad(format!(
                             "expected an entry or \")\", got {:?}",
                             String::from_utf8_lossy(other)
-                        )))
+                        )));
                     }
                 }
             }
@@ -296,9 +296,11 @@ mod tests {
         }
         let mut wrong = good.clone();
         wrong[8] = b'X'; // "nix-archive-1" → "Xix-archive-1"
-        assert!(copy_all(&wrong)
-            .unwrap_err()
-            .to_string()
-            .contains("expected"));
+        assert!(
+            copy_all(&wrong)
+                .unwrap_err()
+                .to_string()
+                .contains("expected")
+        );
     }
 }

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
+use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use base64::Engine as _;
 use reqwest::header::CONTENT_TYPE;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use super::error::response_error;
 use super::GcsBackend;
+use super::error::response_error;
 use crate::{BackendError, ConfigError, ErrorKind};
 
 /// Default token endpoint, for credential files that do not name one.
@@ -329,19 +329,23 @@ mod tests {
         );
         let ext = dir.path().join("ext.json");
         std::fs::write(&ext, r#"{"type":"external_account"}"#).unwrap();
-        assert!(GcsCredentials::from_file(&ext)
-            .unwrap_err()
-            .to_string()
-            .contains("external_account"));
+        assert!(
+            GcsCredentials::from_file(&ext)
+                .unwrap_err()
+                .to_string()
+                .contains("external_account")
+        );
         let bad = dir.path().join("sa.json");
         std::fs::write(
             &bad,
             r#"{"type":"service_account","client_email":"a@b","private_key":"nope"}"#,
         )
         .unwrap();
-        assert!(GcsCredentials::from_file(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("PRIVATE KEY"));
+        assert!(
+            GcsCredentials::from_file(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("PRIVATE KEY")
+        );
     }
 }

@@ -10,7 +10,7 @@
 use serde_json::Value;
 
 use super::error::{missing_bucket_error, response_error};
-use super::{segment, GcsBackend};
+use super::{GcsBackend, segment};
 use crate::{BackendError, ErrorKind, ListPage};
 
 /// Objects per page when listing (GCS's maximum).

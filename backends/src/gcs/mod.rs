@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt as _;
 use reqwest::{RequestBuilder, Response};
 
-pub use address::{GcsConfig, DEFAULT_ENDPOINT};
+pub use address::{DEFAULT_ENDPOINT, GcsConfig};
 pub use auth::{GcsCredentials, SCOPE, TOKEN_URI};
 pub use listing::LIST_PAGE;
 pub use upload::{RESUMABLE_ABOVE, RESUMABLE_CHUNK};

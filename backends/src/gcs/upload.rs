@@ -25,8 +25,8 @@ use reqwest::{Method, Response};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
-use super::error::{missing_bucket_error, response_error};
 use super::GcsBackend;
+use super::error::{missing_bucket_error, response_error};
 use crate::{BackendError, Body, ErrorKind, PutMode, PutOptions};
 
 /// Staged files larger than this go up in a resumable upload (in overwrite mode).

@@ -16,8 +16,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use object_store::aws::{AwsCredential, AwsCredentialProvider};
 use object_store::StaticCredentialProvider;
+use object_store::aws::{AwsCredential, AwsCredentialProvider};
 use tracing::debug;
 
 use super::S3Config;

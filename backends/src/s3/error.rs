@@ -150,15 +150,21 @@ mod tests {
     fn classifies_errors_hidden_in_generic_ones() {
         let c = |m: &str| classify(&generic(m));
         assert_eq!(
-            c("Error performing list request: Server returned non-2xx status code: 503 Service Unavailable: "),
+            c(
+                "Error performing list request: Server returned non-2xx status code: 503 Service Unavailable: "
+            ),
             ErrorKind::Transient
         );
         assert_eq!(
-            c("Server returned non-2xx status code: 403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code></Error>"),
+            c(
+                "Server returned non-2xx status code: 403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code></Error>"
+            ),
             ErrorKind::Permission
         );
         assert_eq!(
-            c("Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchBucket</Code></Error>"),
+            c(
+                "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchBucket</Code></Error>"
+            ),
             ErrorKind::Config
         );
         assert_eq!(

@@ -7,12 +7,12 @@
 //! the deepest "directory" the prefix names.
 
 use futures::TryStreamExt as _;
+use object_store::ObjectStore as _;
 use object_store::list::{PaginatedListOptions, PaginatedListStore as _};
 use object_store::path::Path as ObjPath;
-use object_store::ObjectStore as _;
 
-use super::error::{error_text, map_err};
 use super::S3Backend;
+use super::error::{error_text, map_err};
 use crate::{BackendError, ErrorKind, ListPage};
 
 impl S3Backend {

@@ -37,7 +37,7 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStoreExt as _, RetryConfi
 pub use address::S3Config;
 pub use credentials::S3Credentials;
 pub use upload::{
-    part_size, MAX_PARTS, MEMORY_BUDGET, MIN_PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX,
+    MAX_PARTS, MEMORY_BUDGET, MIN_PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX, part_size,
 };
 
 use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutOptions};

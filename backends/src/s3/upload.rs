@@ -28,8 +28,8 @@ use object_store::{Attribute, Attributes, ObjectStore as _, PutMultipartOptions,
 use tokio::io::AsyncReadExt as _;
 use tracing::debug;
 
-use super::error::map_err;
 use super::S3Backend;
+use super::error::map_err;
 use crate::{BackendError, Body, ErrorKind, PutMode, PutOptions};
 
 /// Staged files up to this size go up in one PUT (read whole into memory), so they can be

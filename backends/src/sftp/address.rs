@@ -104,14 +104,14 @@ impl SftpConfig {
                 return Err(format!(
                     "insecure-accept-any-host-key must be true or false, not {v:?}"
                 )
-                .into())
+                .into());
             }
         };
         let host_keys = match (accept_any, known_hosts) {
             (true, Some(_)) => {
                 return Err(
                     "give known-hosts or insecure-accept-any-host-key=true, not both".into(),
-                )
+                );
             }
             (true, None) => HostKeyCheck::AcceptAny,
             (false, Some(f)) => {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use russh::client;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 
-use super::error::ssh_error;
 use super::SftpConfig;
+use super::error::ssh_error;
 use crate::{BackendError, ConfigError, ErrorKind};
 
 /// How the server's host key is checked.

@@ -9,17 +9,17 @@
 //! [`ErrorKind::Transient`]. A session learns the server's extensions and limits when it
 //! opens.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use russh::client;
 use russh_sftp::client::RawSftpSession;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::auth::{authenticate, Client};
+use super::auth::{Client, authenticate};
 use super::error::{sftp_error, ssh_error};
-use super::{SftpConfig, CHUNK};
+use super::{CHUNK, SftpConfig};
 use crate::{BackendError, ErrorKind};
 
 /// SFTP sessions (channels) per connection, hence transfers at once.
@@ -134,7 +134,7 @@ impl PoolInner {
                         session: Some(s),
                         pool: self.clone(),
                         _permit: permit,
-                    })
+                    });
                 }
                 Some(_) => continue,
                 None => break,
@@ -180,7 +180,7 @@ async fn connect(config: &SftpConfig) -> Result<Conn, BackendError> {
                 "connect",
                 "",
                 format!("{at}: no answer within {CONNECT_TIMEOUT:?}"),
-            ))
+            ));
         }
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {

@@ -6,18 +6,18 @@
 //! back. A failed open because the connection died is retried once on a new connection; a
 //! failed read ends the stream with the error and retires the session.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures::stream::StreamExt as _;
-use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::client::RawSftpSession;
+use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 
 use super::connection::{Lease, Session};
 use super::error::{is_status, sftp_error};
-use super::{SftpBackend, IN_FLIGHT};
+use super::{IN_FLIGHT, SftpBackend};
 use crate::{BackendError, ByteStream, ErrorKind};
 
 impl SftpBackend {

@@ -9,7 +9,7 @@ use russh_sftp::protocol::StatusCode;
 
 use super::connection::Session;
 use super::error::{is_status, sftp_error};
-use super::{file_mode, remote, S_IFDIR, S_IFREG, TMP_PREFIX};
+use super::{S_IFDIR, S_IFREG, TMP_PREFIX, file_mode, remote};
 use crate::BackendError;
 
 /// Keys below the directory `start` (a key prefix ending before a `/`) that begin with

@@ -35,7 +35,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::connection::Session;
 use super::error::{is_status, sftp_error};
-use super::{file_exists, file_mode, IN_FLIGHT, S_IFDIR, TMP_PREFIX};
+use super::{IN_FLIGHT, S_IFDIR, TMP_PREFIX, file_exists, file_mode};
 use crate::{BackendError, Body, ErrorKind, PutMode};
 
 /// A `u64` different on every call, in every process: names temporary files.

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 use nixpush_backends::{
-    Backend, BackendError, BackendExt as _, Body, ByteStream, ErrorKind, OpenError, PutMode,
-    PutOptions, CREATE_LIMIT,
+    Backend, BackendError, BackendExt as _, Body, ByteStream, CREATE_LIMIT, ErrorKind, OpenError,
+    PutMode, PutOptions,
 };
 
 /// What a backend offers beyond the core contract.

@@ -21,7 +21,7 @@
 
 mod dump;
 
-pub use dump::{dump, DumpError};
+pub use dump::{DumpError, dump};
 
 use std::io::{self, Read, Write};
 

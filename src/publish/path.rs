@@ -1,0 +1,161 @@
+//! Publishing one path: its NAR (from the store, through the pipeline, under a compression
+//! slot and an upload permit), then, once its references' narinfos are there, its signed
+//! narinfo, created only if absent.
+
+use super::*;
+
+pub(super) struct Ctx {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) opts: PushOptions,
+    /// Uploads in flight at once ([`UPLOADS_PER_JOB`] per compression slot).
+    pub(super) uploads: Semaphore,
+    pub(super) events: EventSink,
+}
+
+/// Uploads in flight per compression slot: enough that a slot never waits for a slow upload
+/// to finish before it compresses the next NAR.
+pub(super) const UPLOADS_PER_JOB: usize = 2;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Outcome {
+    Published { file_size: u64 },
+    Raced,
+}
+
+pub(super) async fn publish_one(
+    ctx: &Ctx,
+    info: &PathInfo,
+    slot: oneshot::Receiver<OwnedSemaphorePermit>,
+    deps: Vec<(StorePath, PathFuture)>,
+) -> Result<Outcome, PathError> {
+    let sd = ctx.store.store_dir();
+    let full = sd.display(&info.path);
+
+    // 1. The NAR, under a bounded number of slots.
+    let (nar_key, staged_meta) = {
+        let slot = slot
+            .await
+            .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
+        let source = ctx.store.nar_source(&info.path).await?;
+        let staging = ctx.backend.staging_dir().map(ToOwned::to_owned);
+        let compress = ctx.opts.compress;
+        let size = info.nar_size;
+        let staged = tokio::task::spawn_blocking(move || {
+            pipeline::stage(source, staging.as_deref(), compress, size)
+        })
+        .await
+        .map_err(|e| PathError::Internal(e.to_string()))??;
+        if staged.nar_hash != info.nar_hash || staged.nar_size != info.nar_size {
+            return Err(PathError::HashMismatch {
+                path: full,
+                ours: staged.nar_hash.to_nix_string(),
+                our_size: staged.nar_size,
+                theirs: info.nar_hash.to_nix_string(),
+                their_size: info.nar_size,
+            });
+        }
+        let key = format!(
+            "nar/{}{}",
+            staged.file_hash.to_nixbase32(),
+            compress.compression.nar_extension()
+        );
+        let meta = (staged.file_hash, staged.file_size);
+        // The slot is for compressing; the upload (a network transfer, or an fdatasync and a
+        // rename) waits on I/O, and holding the slot through it left a core idle for every
+        // path. Taking an upload permit before letting the slot go bounds the staged files
+        // waiting for one when the cache is slower than compression.
+        let _upload = ctx
+            .uploads
+            .acquire()
+            .await
+            .map_err(|e| PathError::Internal(e.to_string()))?;
+        drop(slot);
+        debug!(key, file_size = staged.file_size, "uploading NAR");
+        ctx.backend
+            .put(
+                &key,
+                Body::File(staged.file),
+                PutOptions {
+                    mode: PutMode::Overwrite,
+                    content_type: "application/x-nix-nar",
+                },
+            )
+            .await?;
+        (key, meta)
+    };
+
+    // 2. Wait for the references' narinfos.
+    for (r, dep) in deps {
+        dep.await.map_err(|e| PathError::Reference {
+            path: r,
+            transient: e.is_transient(),
+        })?;
+    }
+
+    // 3. The signed narinfo.
+    let references_full: Vec<String> = info.references.iter().map(|r| sd.display(r)).collect();
+    let fingerprint = signing::fingerprint(&full, &info.nar_hash, info.nar_size, &references_full);
+    let mut sigs = info.sigs.clone();
+    for key in &ctx.opts.keys {
+        let sig = key.sign(&fingerprint);
+        if !sigs.contains(&sig) {
+            sigs.push(sig);
+        }
+    }
+    let narinfo = NarInfo {
+        store_path: full,
+        url: nar_key,
+        compression: ctx.opts.compress.compression.name().to_owned(),
+        file_hash: Some(staged_meta.0),
+        file_size: Some(staged_meta.1),
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info
+            .references
+            .iter()
+            .map(|r| r.base_name().to_owned())
+            .collect(),
+        deriver: info.deriver.as_ref().map(|d| d.base_name().to_owned()),
+        sigs,
+        ca: info.ca.clone(),
+        unknown: Vec::new(),
+    };
+    let mode = if ctx.opts.force {
+        PutMode::Overwrite
+    } else {
+        PutMode::Create
+    };
+    let put = ctx
+        .backend
+        .put(
+            &narinfo_key(&info.path),
+            Body::Bytes(narinfo.render().into()),
+            PutOptions {
+                mode,
+                content_type: "text/x-nix-narinfo",
+            },
+        )
+        .await;
+    match put {
+        Ok(()) => {
+            (ctx.events)(&Event::Published {
+                path: info.path.clone(),
+                nar_size: info.nar_size,
+                file_size: staged_meta.1,
+            });
+            Ok(Outcome::Published {
+                file_size: staged_meta.1,
+            })
+        }
+        Err(e) if e.kind == ErrorKind::AlreadyExists => {
+            debug!("narinfo already published by another writer");
+            (ctx.events)(&Event::AlreadyPublished {
+                path: info.path.clone(),
+                nar_size: info.nar_size,
+            });
+            Ok(Outcome::Raced)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
