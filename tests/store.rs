@@ -294,3 +294,55 @@ fn a_store_whose_files_are_elsewhere_is_read_through_the_daemon() {
         vec![b'x'; 300_000]
     );
 }
+
+/// The `nix-daemon --stdio` children of process `pid`.
+fn stdio_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let children = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace() {
+            let cmdline = fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
+            if cmdline.split(|b| *b == 0).any(|a| a == b"--stdio") {
+                out.push(c.parse().expect("pid"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_daemon_reconnects_when_its_store_connection_dies() {
+    let setup = Setup::new("");
+    let mut daemon = setup.start();
+    let (top, _, fixed) = build_closure("np-reconnect");
+    setup.enqueue(std::slice::from_ref(&fixed));
+    setup.wait_published(std::slice::from_ref(&fixed), &daemon);
+    let children = stdio_children(daemon.pid());
+    if children.is_empty() {
+        // Through a daemon socket there is no child of ours to kill.
+        assert!(expected_starts().is_empty(), "no nix-daemon --stdio child");
+        return;
+    }
+    for c in &children {
+        run_ok(Command::new("kill").args(["-KILL", &c.to_string()]));
+    }
+    // The next pass finds the connection broken (a transient failure), opens a new one and
+    // publishes; nothing is rejected.
+    setup.enqueue(std::slice::from_ref(&top));
+    setup.wait_published(std::slice::from_ref(&top), &daemon);
+    daemon.assert_running();
+    assert!(
+        setup.rejected().is_empty(),
+        "rejected: {:?}",
+        setup.rejected()
+    );
+    let again = stdio_children(daemon.pid());
+    assert_eq!(again.len(), 1, "one new child: {again:?}");
+    assert!(
+        !children.contains(&again[0]),
+        "a new child, not the killed one"
+    );
+}
