@@ -197,6 +197,28 @@ impl Backend for FsBackend {
         }
     }
 
+    async fn exists_all(&self, keys: &[String]) -> Result<Option<Vec<bool>>, BackendError> {
+        let paths = keys
+            .iter()
+            .map(|k| self.path_of("exists", k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys = keys.to_vec();
+        tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .zip(&keys)
+                .map(|(path, key)| match fs::symlink_metadata(path) {
+                    Ok(m) => Ok(m.is_file()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(BackendError::io("exists", key, e)),
+                })
+                .collect::<Result<Vec<bool>, _>>()
+                .map(Some)
+        })
+        .await
+        .map_err(|e| BackendError::new(ErrorKind::Other, "exists", "", e.to_string()))?
+    }
+
     async fn get(&self, key: &str) -> Result<ByteStream, BackendError> {
         let path = self.path_of("get", key)?;
         let f = tokio::fs::File::open(&path)

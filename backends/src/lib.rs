@@ -244,6 +244,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
+    /// Whether each of `keys` exists, in order, answered at once: `Ok(None)`, without any
+    /// work, where the store has no cheaper way than one [`Backend::exists`] per key (the
+    /// default; callers then check them concurrently). A local directory answers with one
+    /// blocking pass of `stat`s instead of a task, a thread hand-over and an allocation per
+    /// key, which for a closure of thousands of paths is most of a no-op push.
+    async fn exists_all(&self, keys: &[String]) -> Result<Option<Vec<bool>>, BackendError> {
+        let _ = keys;
+        Ok(None)
+    }
+
     /// Make everything `put` so far durable across a power loss. Stores where a returned `put`
     /// is already durable (every remote one) need not override this. Callers call it before
     /// they forget a request, e.g. before the daemon removes a queue entry.

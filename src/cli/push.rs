@@ -185,11 +185,11 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
 
     let secs = started.elapsed().as_secs_f64();
     let mut line = if s.published == 0 && s.failed.is_empty() && s.raced == 0 {
-        format!(
-            "nothing to push: all {} paths of the closure are already in {}",
-            s.closure - s.upstream,
-            backend.describe()
-        )
+        let what = match roots.len() {
+            1 => "that path and its closure".to_owned(),
+            n => format!("all {n} paths and their closures"),
+        };
+        format!("nothing to push: {} already has {what}", backend.describe())
     } else {
         format!(
             "pushed {} paths to {} ({} NAR, {} {compression}) in {secs:.1}s, {}/s; {} already there",

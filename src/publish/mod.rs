@@ -281,9 +281,14 @@ impl Pusher {
     /// Publish the closure of `roots` (valid store paths; see [`Pusher::resolve`]).
     pub async fn push(&self, roots: &[StorePath], events: EventSink) -> Result<Summary, PushError> {
         self.ensure_cache_info().await?;
-        let closure = store::closure(&*self.store, roots).await?;
+        let (closure, present) = if self.opts.force {
+            (store::closure(&*self.store, roots).await?, 0)
+        } else {
+            self.missing_closure(roots).await?
+        };
         let mut summary = Summary {
-            closure: closure.len(),
+            closure: closure.len() + present,
+            present,
             ..Summary::default()
         };
 
@@ -298,21 +303,9 @@ impl Pusher {
             .map(|i| i.path.clone())
             .collect();
         summary.upstream = upstream.len();
-
-        let candidates: Vec<&Arc<PathInfo>> = closure
-            .values()
-            .filter(|i| !upstream.contains(&i.path))
-            .collect();
-        let present = if self.opts.force {
-            HashSet::new()
-        } else {
-            self.present(&candidates).await?
-        };
-        summary.present = present.len();
-        let to_push: BTreeMap<StorePath, Arc<PathInfo>> = candidates
+        let to_push: BTreeMap<StorePath, Arc<PathInfo>> = closure
             .into_iter()
-            .filter(|i| !present.contains(&i.path))
-            .map(|i| (i.path.clone(), i.clone()))
+            .filter(|(p, _)| !upstream.contains(p))
             .collect();
         events(&Event::Planned {
             closure: summary.closure,
@@ -340,12 +333,52 @@ impl Pusher {
         Ok(summary)
     }
 
+    /// The part of the closure of `roots` that the cache lacks, with the number of paths found
+    /// present on the way. The walk goes down from the roots, level by level, and stops at
+    /// every path the cache has: a narinfo is only ever written after the narinfos of all its
+    /// references (rule 3), so a present path's closure is present too. A no-op push then
+    /// costs one presence check of its roots, and a push of new paths over a large closure
+    /// costs in proportion to what is new, not to the closure (`force` walks it all).
+    async fn missing_closure(
+        &self,
+        roots: &[StorePath],
+    ) -> Result<(BTreeMap<StorePath, Arc<PathInfo>>, usize), PushError> {
+        let mut seen: HashSet<StorePath> = roots.iter().cloned().collect();
+        let mut frontier: Vec<StorePath> = seen.iter().cloned().collect();
+        let mut missing: BTreeMap<StorePath, Arc<PathInfo>> = BTreeMap::new();
+        let mut present = 0;
+        while !frontier.is_empty() {
+            let here = self.present(&frontier).await?;
+            present += here.len();
+            let absent: Vec<StorePath> =
+                frontier.into_iter().filter(|p| !here.contains(p)).collect();
+            let infos = self.store.path_infos(&absent).await?;
+            let invalid: Vec<String> = absent
+                .iter()
+                .zip(&infos)
+                .filter(|(_, i)| i.is_none())
+                .map(|(p, _)| self.store.store_dir().display(p))
+                .collect();
+            if !invalid.is_empty() {
+                return Err(StoreError::Invalid(invalid).into());
+            }
+            frontier = Vec::new();
+            for info in infos.into_iter().flatten() {
+                for r in &info.references {
+                    if seen.insert(r.clone()) {
+                        frontier.push(r.clone());
+                    }
+                }
+                missing.insert(info.path.clone(), info);
+            }
+        }
+        Ok((missing, present))
+    }
+
     /// Which of `paths` already have a narinfo in the cache (see [`presence`] for how).
-    async fn present(&self, paths: &[&Arc<PathInfo>]) -> Result<HashSet<StorePath>, PushError> {
-        let by_key: HashMap<String, &StorePath> = paths
-            .iter()
-            .map(|i| (narinfo_key(&i.path), &i.path))
-            .collect();
+    async fn present(&self, paths: &[StorePath]) -> Result<HashSet<StorePath>, PushError> {
+        let by_key: HashMap<String, &StorePath> =
+            paths.iter().map(|p| (narinfo_key(p), p)).collect();
         let found = presence::present(&*self.backend, by_key.keys().cloned())
             .await
             .map_err(|e| self.backend_err(e))?;

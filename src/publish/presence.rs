@@ -95,6 +95,14 @@ pub async fn present<B: Backend + ?Sized>(
     };
     let rest = &wanted[decided..];
     found.exists_requests += rest.len();
+    if let Some(answers) = backend.exists_all(rest).await? {
+        for (key, present) in rest.iter().zip(answers) {
+            if present {
+                found.present.insert(key.clone());
+            }
+        }
+        return Ok(decided_log(found, wanted.len()));
+    }
     // Collected first: a stream that maps with a closure here trips rustc's inference of `Send`
     // for the daemon's spawned task ("implementation of `Send` is not general enough").
     let checks: Vec<_> = rest
@@ -110,14 +118,18 @@ pub async fn present<B: Backend + ?Sized>(
             found.present.insert(key.clone());
         }
     }
+    Ok(decided_log(found, wanted.len()))
+}
+
+fn decided_log(found: Presence, wanted: usize) -> Presence {
     debug!(
-        wanted = wanted.len(),
+        wanted,
         present = found.present.len(),
         list_requests = found.list_requests,
         exists_requests = found.exists_requests,
         "presence decided"
     );
-    Ok(found)
+    found
 }
 
 /// Decide a prefix of `wanted` (sorted, distinct) from listing pages, recording what is present

@@ -141,9 +141,12 @@ pub async fn closure(
     store: &dyn Store,
     roots: &[StorePath],
 ) -> Result<BTreeMap<StorePath, Arc<PathInfo>>, StoreError> {
+    let started = std::time::Instant::now();
     let mut all: BTreeMap<StorePath, Arc<PathInfo>> = BTreeMap::new();
     let mut wanted: BTreeSet<StorePath> = roots.iter().cloned().collect();
+    let mut batches = 0;
     while !wanted.is_empty() {
+        batches += 1;
         let batch: Vec<StorePath> = wanted.into_iter().collect();
         let infos = store.path_infos(&batch).await?;
         let invalid: Vec<String> = batch
@@ -166,6 +169,12 @@ pub async fn closure(
         }
         wanted.retain(|p| !all.contains_key(p));
     }
+    tracing::debug!(
+        paths = all.len(),
+        batches,
+        ms = started.elapsed().as_millis() as u64,
+        "closure"
+    );
     Ok(all)
 }
 

@@ -362,6 +362,19 @@ pub async fn suite(b: Arc<dyn Backend>, caps: Caps) {
         .await
         .expect("empty file round trip");
 
+    // Many existence checks at once, where the store can: the same answers as `exists`, in
+    // order (a "folder" is not an object).
+    let keys: Vec<String> = ["small.narinfo", "absent.narinfo", "nar/empty.nar", "nar"]
+        .map(String::from)
+        .to_vec();
+    if let Some(all) = b.exists_all(&keys).await.expect("exists_all") {
+        assert_eq!(
+            all,
+            vec![true, false, true, false],
+            "exists_all of {keys:?}"
+        );
+    }
+
     // Create-if-absent: a new key is created; an existing one is refused and left untouched,
     // whatever the body.
     let first = Bytes::from_static(b"first writer\n");
