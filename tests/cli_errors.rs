@@ -376,3 +376,63 @@ fn keygen_bad_name_is_said_once() {
     );
     assert!(!tmp.path().join("s").exists(), "{}", out.report());
 }
+
+#[test]
+fn an_unreachable_store_is_named_with_what_to_try() {
+    let tmp = tempdir();
+    let keys = nixpush_keygen(tmp.path(), "store-errors-1");
+    let cache = format!("file://{}", tmp.path().join("cache").display());
+    let path = format!("{}/{}", store_dir(), "0".repeat(32) + "-x");
+    let push = || {
+        let mut c = nixpush();
+        c.args(["push", "--to", &cache, "--key-file"])
+            .arg(&keys.secret)
+            .arg(&path);
+        c
+    };
+    // A daemon socket that is not there.
+    let socket = tmp.path().join("no-daemon.sock");
+    let out = run_fail(push().env("NIX_REMOTE", format!("unix://{}", socket.display())));
+    error_line_is(
+        &out,
+        &format!(
+            "cannot reach the Nix store through the nix-daemon at {s}: No such file or directory \
+             (os error 2); is nix-daemon running? (`systemctl status nix-daemon`; {s} is its \
+             socket)",
+            s = socket.display()
+        ),
+        "No such file or directory",
+    );
+    // No nix-daemon to start.
+    let out = run_fail(push().env("PATH", tmp.path()).env_remove("NIX_REMOTE"));
+    error_line_is(
+        &out,
+        "cannot reach the Nix store through `nix-daemon --stdio`: No such file or directory \
+         (os error 2); is Nix installed, and `nix-daemon` on PATH?",
+        "No such file or directory",
+    );
+    assert!(
+        !tmp.path().join("cache").exists(),
+        "nothing was written to the cache"
+    );
+}
+
+#[test]
+fn a_path_that_is_not_valid_is_named() {
+    let tmp = tempdir();
+    let keys = nixpush_keygen(tmp.path(), "store-errors-2");
+    let path = format!("{}/{}", store_dir(), "1".repeat(32) + "-never-built");
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--to"])
+            .arg(format!("file://{}", tmp.path().join("cache").display()))
+            .arg("--key-file")
+            .arg(&keys.secret)
+            .arg(&path),
+    );
+    error_line_is(
+        &out,
+        &format!("not valid in the Nix store (not built, or garbage-collected): {path}"),
+        &path,
+    );
+}
