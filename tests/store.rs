@@ -329,8 +329,8 @@ fn the_daemon_reconnects_when_its_store_connection_dies() {
     for c in &children {
         run_ok(Command::new("kill").args(["-KILL", &c.to_string()]));
     }
-    // The next pass finds the connection broken (a transient failure), opens a new one and
-    // publishes; nothing is rejected.
+    // The next pass finds the connection broken, asks again on a new one and publishes: no
+    // failed pass, no error to report, nothing rejected.
     setup.enqueue(std::slice::from_ref(&top));
     setup.wait_published(std::slice::from_ref(&top), &daemon);
     daemon.assert_running();
@@ -338,6 +338,12 @@ fn the_daemon_reconnects_when_its_store_connection_dies() {
         setup.rejected().is_empty(),
         "rejected: {:?}",
         setup.rejected()
+    );
+    let status = setup.status();
+    assert_eq!(
+        status["last_errors"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
     );
     let again = stdio_children(daemon.pid());
     assert_eq!(again.len(), 1, "one new child: {again:?}");

@@ -203,26 +203,34 @@ impl DaemonStore {
     }
 
     /// Run `f` on the connection, opening it first if needed. A failure of the connection
-    /// itself drops it, so the next call starts afresh.
+    /// itself drops it. Every operation here is a query, so one that fails on a connection
+    /// opened earlier (the nix-daemon restarted since, our child died) is asked once more on
+    /// a new one, rather than failing a whole pass for a daemon that is back already.
     async fn with_conn<T>(
         &self,
-        f: impl for<'c> FnOnce(
-            &'c mut Connection,
-        ) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
+        f: impl for<'c> Fn(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            *guard = Some(connect(&self.endpoint).await?);
+        let mut reused = guard.is_some();
+        loop {
+            if guard.is_none() {
+                *guard = Some(connect(&self.endpoint).await?);
+            }
+            let conn = guard.as_mut().expect("just connected");
+            let result = f(conn).await;
+            match result {
+                Err(StoreError::Io { .. } | StoreError::Protocol { .. }) => {
+                    *guard = None;
+                    if reused {
+                        debug!(endpoint = %self.endpoint.describe(), "store connection broke; reconnecting");
+                        reused = false;
+                        continue;
+                    }
+                    return result;
+                }
+                _ => return result,
+            }
         }
-        let conn = guard.as_mut().expect("just connected");
-        let result = f(conn).await;
-        if matches!(
-            result,
-            Err(StoreError::Io { .. } | StoreError::Protocol { .. })
-        ) {
-            *guard = None;
-        }
-        result
     }
 
     /// The paths among `paths` that are valid.
@@ -236,6 +244,7 @@ impl DaemonStore {
         let full: Vec<String> = paths.iter().map(|p| self.store_dir.display(p)).collect();
         let sd = self.store_dir.clone();
         self.with_conn(move |c| {
+            let (full, sd) = (full.clone(), sd.clone());
             Box::pin(async move {
                 let mut req = Request::new();
                 req.u64(OP_QUERY_VALID_PATHS).strs(&full);
@@ -261,6 +270,7 @@ impl DaemonStore {
         let sd = self.store_dir.clone();
         let paths = paths.to_vec();
         self.with_conn(move |c| {
+            let (paths, sd) = (paths.clone(), sd.clone());
             Box::pin(async move {
                 pipelined(
                     c,
@@ -289,6 +299,7 @@ impl DaemonStore {
         let sd = self.store_dir.clone();
         let drvs = drvs.to_vec();
         self.with_conn(move |c| {
+            let (drvs, sd) = (drvs.clone(), sd.clone());
             Box::pin(async move {
                 pipelined(
                     c,
