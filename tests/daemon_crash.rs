@@ -37,7 +37,7 @@ let
   smalls = builtins.genList small 8;
   big = i: mk "np-crash-big${toString i}" ''
     mkdir $out
-    head -c 8000000 /dev/urandom > $out/data
+    head -c 2500000 /dev/urandom > $out/data
     printf '%s\n' ${builtins.elemAt smalls (i * 2)} > $out/ref
   '';
   bigs = builtins.genList big 3;
@@ -74,8 +74,11 @@ fn kill_9_at_any_moment_loses_nothing_and_publishes_nothing_incomplete() {
     let top_drv = deriver_of(&top);
 
     let setup = Setup::new("batch-entries = 2");
-    // xz keeps the daemon busy for seconds on the random paths, so that the kills below land
-    // while it works however fast the rest of the pipeline gets.
+    // xz takes most of a second for each random path (2.5 MB), so that the kills below land
+    // while it works however fast the rest of the pipeline gets: the small paths go in the
+    // first lives, the random ones only in lives long enough to compress one, which the
+    // growing delays reach part-way through. (At 8 MB a random path took longer than any life,
+    // so once the small paths were in, as the first life now manages, no kill saw progress.)
     let text = fs::read_to_string(&setup.config).expect("config");
     fs::write(&setup.config, format!("compression = \"xz\"\n{text}")).expect("config");
     // What each entry asks for, and the closure it stands for.
