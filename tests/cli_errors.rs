@@ -403,8 +403,9 @@ fn an_unreachable_store_is_named_with_what_to_try() {
         ),
         "No such file or directory",
     );
-    // No nix-daemon to start.
-    let out = run_fail(push().env("PATH", tmp.path()).env_remove("NIX_REMOTE"));
+    // No nix-daemon to start (NIX_REMOTE=local: nixpush opens the store itself, even where
+    // Nix's `auto` would take a daemon's socket).
+    let out = run_fail(push().env("PATH", tmp.path()).env("NIX_REMOTE", "local"));
     error_line_is(
         &out,
         "cannot reach the Nix store through `nix-daemon --stdio`: No such file or directory \

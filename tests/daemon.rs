@@ -89,7 +89,7 @@ fn hook_wrapper(setup: &Setup) -> (PathBuf, PathBuf) {
              end=$(date +%s%N)\n\
              echo \"$rc $(( (end - start) / 1000000 )) $DRV_PATH [$OUT_PATHS]\" >> '{times}'\n\
              exit $rc\n",
-            nixpush = NIXPUSH,
+            nixpush = &*NIXPUSH,
             config = setup.config.display(),
             times = times.display(),
         ),

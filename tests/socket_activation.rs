@@ -48,7 +48,7 @@ fn activated(setup: &Setup, listen_fd: RawFd, listen_fds: &str, notify: &Path) -
     cmd.args([
         "-c",
         "LISTEN_PID=$$ exec \"$0\" \"$@\"",
-        NIXPUSH,
+        NIXPUSH.as_str(),
         "daemon",
         "--config",
     ])
@@ -300,7 +300,7 @@ fn unit_files_pass_systemd_analyze_verify() {
                 Some(cmd) => {
                     let args = cmd.split_once(' ').map_or("", |(_, a)| a);
                     rewritten = true;
-                    format!("ExecStart={NIXPUSH} {args}\n")
+                    format!("ExecStart={} {args}\n", &*NIXPUSH)
                 }
                 None => format!("{l}\n"),
             })

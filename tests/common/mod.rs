@@ -14,13 +14,18 @@ use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::Digest as _;
 
 /// The `nixpush` binary cargo built for these tests.
-pub const NIXPUSH: &str = env!("CARGO_BIN_EXE_nixpush");
+/// The nixpush binary: cargo's, unless `NIXPUSH_TEST_BIN` names a copy of it
+/// (`scripts/e2e-runner unprivileged` runs the tests as a user who cannot read cargo's target
+/// directory).
+pub static NIXPUSH: LazyLock<String> = LazyLock::new(|| {
+    std::env::var("NIXPUSH_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_nixpush").to_owned())
+});
 
 /// What a finished command printed.
 #[derive(Debug)]
@@ -92,7 +97,7 @@ pub fn run_fail(cmd: &mut Command) -> Out {
 
 /// `nixpush` with no settings leaking in from the environment.
 pub fn nixpush() -> Command {
-    let mut c = Command::new(NIXPUSH);
+    let mut c = Command::new(&*NIXPUSH);
     for var in ["NIXPUSH_TO", "NIXPUSH_KEY_FILE", "NIXPUSH_LOG"] {
         c.env_remove(var);
     }
