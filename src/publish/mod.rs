@@ -352,18 +352,9 @@ impl Pusher {
             present += here.len();
             let absent: Vec<StorePath> =
                 frontier.into_iter().filter(|p| !here.contains(p)).collect();
-            let infos = self.store.path_infos(&absent).await?;
-            let invalid: Vec<String> = absent
-                .iter()
-                .zip(&infos)
-                .filter(|(_, i)| i.is_none())
-                .map(|(p, _)| self.store.store_dir().display(p))
-                .collect();
-            if !invalid.is_empty() {
-                return Err(StoreError::Invalid(invalid).into());
-            }
+            let infos = store::valid_path_infos(&*self.store, &absent).await?;
             frontier = Vec::new();
-            for info in infos.into_iter().flatten() {
+            for info in infos {
                 for r in &info.references {
                     if seen.insert(r.clone()) {
                         frontier.push(r.clone());

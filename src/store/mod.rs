@@ -135,6 +135,25 @@ impl std::fmt::Debug for NarSource {
     }
 }
 
+/// Metadata of each of `paths`, in order, all of which must be valid: else
+/// [`StoreError::Invalid`] naming every one that is not.
+pub async fn valid_path_infos(
+    store: &dyn Store,
+    paths: &[StorePath],
+) -> Result<Vec<Arc<PathInfo>>, StoreError> {
+    let infos = store.path_infos(paths).await?;
+    let invalid: Vec<String> = paths
+        .iter()
+        .zip(&infos)
+        .filter(|(_, i)| i.is_none())
+        .map(|(p, _)| store.store_dir().display(p))
+        .collect();
+    if !invalid.is_empty() {
+        return Err(StoreError::Invalid(invalid));
+    }
+    Ok(infos.into_iter().flatten().collect())
+}
+
 /// The closure of `roots` (all valid) with full metadata, keyed by path: one pipelined batch
 /// per level of the reference graph.
 pub async fn closure(
@@ -148,18 +167,9 @@ pub async fn closure(
     while !wanted.is_empty() {
         batches += 1;
         let batch: Vec<StorePath> = wanted.into_iter().collect();
-        let infos = store.path_infos(&batch).await?;
-        let invalid: Vec<String> = batch
-            .iter()
-            .zip(&infos)
-            .filter(|(_, i)| i.is_none())
-            .map(|(p, _)| store.store_dir().display(p))
-            .collect();
-        if !invalid.is_empty() {
-            return Err(StoreError::Invalid(invalid));
-        }
+        let infos = valid_path_infos(store, &batch).await?;
         wanted = BTreeSet::new();
-        for info in infos.into_iter().flatten() {
+        for info in infos {
             for r in &info.references {
                 if !all.contains_key(r) && *r != info.path {
                     wanted.insert(r.clone());
