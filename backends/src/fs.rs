@@ -2,23 +2,48 @@
 //! `file://` store lays it out, so the directory can be served by any web server or copied
 //! around as it is.
 //!
-//! Every object is written to a temporary file in the directory of its final key, its data
-//! flushed to disk, then renamed into place (or hard-linked, for create-if-absent, which fails
-//! atomically on an existing name). A reader never sees a partial object, even after a power
-//! loss: an object's data is on disk before its name is. The renames themselves reach the disk
-//! in the order they were made (journaling file systems commit metadata in order), so a narinfo
-//! never survives a crash that its NAR did not; [`Backend::sync`] flushes the directories,
-//! once per push rather than once per object, which is what made many small paths slow.
+//! # Atomic and durable puts
+//! Every object is written to a temporary file in the directory of its final key (compressed
+//! NARs are staged in `nar/` to begin with), its data flushed to disk, then renamed into place
+//! (or hard-linked, for create-if-absent, which fails atomically on an existing name), and the
+//! directory flushed. A reader never sees a partial object, even after a power loss: an
+//! object's data is on disk before its name is, and `put` returns only once the name is.
 //! Temporary names start with [`TMP_PREFIX`] and are never listed.
+//!
+//! # Durability per batch ([`Backend::put_batch`])
+//! Flushing costs little per byte and much per call: every `fdatasync` of a new file commits
+//! the file system's journal and flushes the disk's cache, about a millisecond each on an
+//! SSD and far more on a busy disk, which for thousands of small paths (a NAR and a narinfo
+//! each) was most of a push. A batch pays that once:
+//! 1. every object of the batch is written to its temporary file, and writeback of each is
+//!    started (`sync_file_range`), so that the disk receives them all at once and the block
+//!    allocations of all of them land in the journal's running transaction;
+//! 2. each is `fdatasync`ed: the first waits for its data and commits that transaction; the
+//!    others find their data written and their transaction committed, and return at once;
+//! 3. each is renamed (or linked) into place;
+//! 4. each directory that received a name is `fsync`ed, once.
+//!
+//! The objects of one batch become durable, and visible, in no particular order. That is all
+//! the publisher needs, and it asks for no more: it batches NARs of many paths together, and
+//! narinfos only once their NARs' and references' batches have returned (see the crate
+//! `nixpush`'s `publish` module). So after a crash at any moment, a narinfo that survived has
+//! its NAR and its references' narinfos on disk before it, on any POSIX file system, without
+//! assuming that a journal commits renames in order. Nothing that a returned batch reported
+//! `Ok` is lost.
+//!
+//! Directories are created once: the cache's root and `nar/` when it is opened, any other
+//! (`log/`, say) when a put first finds it missing.
 
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
-use futures::StreamExt as _;
+use futures::{StreamExt as _, stream};
 
-use crate::{Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, PutMode, PutOptions};
+use crate::{
+    Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, Put, PutMode, PutOptions,
+};
 
 /// Temporary files start with this and end in `.tmp`.
 pub const TMP_PREFIX: &str = ".nixpush-";
@@ -27,8 +52,6 @@ pub const TMP_PREFIX: &str = ".nixpush-";
 pub struct FsBackend {
     root: PathBuf,
     staging: PathBuf,
-    /// Directories with renames not yet flushed by [`Backend::sync`].
-    dirty: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
 
 impl FsBackend {
@@ -65,11 +88,7 @@ impl FsBackend {
         })
         .await
         .map_err(|e| e.to_string())??;
-        Ok(Self {
-            root,
-            staging,
-            dirty: Default::default(),
-        })
+        Ok(Self { root, staging })
     }
 
     pub fn root(&self) -> &Path {
@@ -125,12 +144,40 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// a web server running as another user. tempfile's default, 0600, is not.
 const FILE_MODE: u32 = 0o666;
 
+/// A temporary file in `dir`, creating `dir` if it is missing (keys below a directory other
+/// than `nar/`, which exists from the start).
 fn temp_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix(TMP_PREFIX)
-        .suffix(".tmp")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
-        .tempfile_in(dir)
+    let create = || {
+        tempfile::Builder::new()
+            .prefix(TMP_PREFIX)
+            .suffix(".tmp")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
+            .tempfile_in(dir)
+    };
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir)?;
+            create()
+        }
+        r => r,
+    }
+}
+
+/// Start writing `file`'s dirty pages to disk, without waiting for them: the first step of a
+/// batch's flush (see the module doc). Only a hint: where it fails, the `fdatasync` that
+/// follows does the whole work.
+fn start_writeback(file: &fs::File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd as _;
+        #[allow(unsafe_code)]
+        // SAFETY: the descriptor is open for as long as `file` is borrowed; the call only
+        // reads its arguments.
+        let _ =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
 }
 
 /// Move `tmp` (already flushed) to `dest` as `mode` says.
@@ -143,49 +190,149 @@ fn commit(tmp: tempfile::TempPath, dest: &Path, mode: PutMode) -> io::Result<()>
     Ok(())
 }
 
-fn put_blocking(dest: &Path, body: Body, mode: PutMode) -> io::Result<()> {
+/// One object of a batch on its way: where it goes, and its bytes in a temporary file in the
+/// destination's directory.
+struct Pending {
+    dest: PathBuf,
+    mode: PutMode,
+    tmp: tempfile::TempPath,
+    file: fs::File,
+}
+
+/// Steps 2 and 3 for one prepared object, on the blocking pool.
+async fn flush_one(
+    (prepared, key): (Result<io::Result<Pending>, BackendError>, String),
+) -> Result<PathBuf, BackendError> {
+    let p = prepared?.map_err(|e| BackendError::io("put", &key, e))?;
+    tokio::task::spawn_blocking(move || flush_and_commit(p))
+        .await
+        .map_err(|e| internal_join(&e, &key))?
+        .map_err(|e| BackendError::io("put", &key, e))
+}
+
+fn internal_join(e: &tokio::task::JoinError, key: &str) -> BackendError {
+    BackendError::new(ErrorKind::Other, "put", key, e.to_string())
+}
+
+/// Step 1 for one object: its bytes in a temporary file next to `dest`, writeback started.
+fn prepare(dest: PathBuf, body: Body, mode: PutMode) -> io::Result<Pending> {
     let dir = dest.parent().expect("keys have a parent");
-    fs::create_dir_all(dir)?;
-    match body {
+    let (file, tmp) = match body {
         Body::Bytes(b) => {
             let mut f = temp_in(dir)?;
             f.write_all(&b)?;
-            f.as_file().sync_data()?;
-            commit(f.into_temp_path(), dest, mode)
+            f.into_parts()
         }
+        // Staged in the right directory (`nar/` for NARs): moved as it is.
+        Body::File(staged) if staged.parent() == Some(dir) => (fs::File::open(&staged)?, staged),
+        // Staged elsewhere: copied next to the destination first, so the rename stays atomic.
         Body::File(staged) => {
-            if staged.parent() == Some(dir) {
-                fs::File::open(&staged)?.sync_data()?;
-                return commit(staged, dest, mode);
-            }
-            // Staged elsewhere: copy next to the destination first, so the rename stays atomic.
             let f = temp_in(dir)?;
-            let mut src = fs::File::open(&staged)?;
-            io::copy(&mut src, &mut f.as_file())?;
-            f.as_file().sync_data()?;
+            io::copy(&mut fs::File::open(&staged)?, &mut f.as_file())?;
             drop(staged);
-            commit(f.into_temp_path(), dest, mode)
+            f.into_parts()
         }
-    }
+    };
+    start_writeback(&file);
+    Ok(Pending {
+        dest,
+        mode,
+        tmp,
+        file,
+    })
+}
+
+/// Flushes of one batch in flight at once (step 2 of the module doc). Flushes issued
+/// together share the journal's commits and the disk's cache flushes: measured on this
+/// project's machine with the disk busy, 75 small files took 200 ms flushed one after another
+/// and 7 ms flushed 16 at a time.
+const FLUSHES_AT_ONCE: usize = 32;
+
+/// Steps 2 and 3 for one object: its data flushed, then its name in place.
+fn flush_and_commit(p: Pending) -> io::Result<PathBuf> {
+    p.file.sync_data()?;
+    drop(p.file);
+    commit(p.tmp, &p.dest, p.mode)?;
+    Ok(p.dest)
 }
 
 #[async_trait]
 impl Backend for FsBackend {
     async fn put(&self, key: &str, body: Body, opts: PutOptions) -> Result<(), BackendError> {
-        let dest = self.path_of("put", key)?;
-        let mode = opts.mode;
-        let dir = dest.parent().expect("keys have a parent").to_owned();
-        let result = tokio::task::spawn_blocking(move || put_blocking(&dest, body, mode))
+        let put = Put {
+            key: key.to_owned(),
+            body,
+            opts,
+        };
+        self.put_batch(vec![put])
             .await
-            .map_err(|e| BackendError::new(ErrorKind::Other, "put", key, e.to_string()))?
-            .map_err(|e| BackendError::io("put", key, e));
-        if result.is_ok() {
-            self.dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(dir);
-        }
-        result
+            .pop()
+            .expect("one result for one put")
+    }
+
+    async fn put_batch(&self, puts: Vec<Put>) -> Vec<Result<(), BackendError>> {
+        let keys: Vec<String> = puts.iter().map(|p| p.key.clone()).collect();
+        // Step 1, in one blocking pass: every object in its temporary file, writeback started.
+        let items: Vec<_> = puts
+            .into_iter()
+            .map(|p| (self.path_of("put", &p.key), p.body, p.opts.mode))
+            .collect();
+        let prepared = match tokio::task::spawn_blocking(move || {
+            items
+                .into_iter()
+                .map(|(dest, body, mode)| dest.map(|d| prepare(d, body, mode)))
+                .collect::<Vec<Result<io::Result<Pending>, BackendError>>>()
+        })
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => return keys.iter().map(|k| Err(internal_join(&e, k))).collect(),
+        };
+        // Steps 2 and 3, many at once.
+        let committed: Vec<Result<PathBuf, BackendError>> =
+            stream::iter(prepared.into_iter().zip(keys.clone()))
+                .map(flush_one)
+                .buffered(FLUSHES_AT_ONCE)
+                .collect()
+                .await;
+        // Step 4: each directory that received a name, once.
+        let mut dirs: Vec<PathBuf> = committed
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|dest| dest.parent().expect("keys have a parent").to_owned())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        let flushed = tokio::task::spawn_blocking(move || {
+            dirs.into_iter()
+                .filter_map(|d| sync_dir(&d).err().map(|e| (d, e)))
+                .collect::<Vec<(PathBuf, io::Error)>>()
+        })
+        .await;
+        committed
+            .into_iter()
+            .zip(&keys)
+            .map(|(r, key)| {
+                let dest = r?;
+                let dir = dest.parent().expect("keys have a parent");
+                match &flushed {
+                    Err(e) => Err(internal_join(e, key)),
+                    Ok(failed) => match failed.iter().find(|(d, _)| d == dir) {
+                        None => Ok(()),
+                        Some((d, e)) => Err(BackendError::new(
+                            ErrorKind::Other,
+                            "put",
+                            key,
+                            format!("cannot flush directory {}: {e}", d.display()),
+                        )),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn durable_in_batches(&self) -> bool {
+        true
     }
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
@@ -257,25 +404,6 @@ impl Backend for FsBackend {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(BackendError::io("delete", key, e)),
         }
-    }
-
-    async fn sync(&self) -> Result<(), BackendError> {
-        let dirs: Vec<PathBuf> =
-            std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
-                .into_iter()
-                .collect();
-        if dirs.is_empty() {
-            return Ok(());
-        }
-        let flushed = tokio::task::spawn_blocking(move || {
-            for d in &dirs {
-                sync_dir(d).map_err(|e| (d.clone(), e))?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| BackendError::new(ErrorKind::Other, "sync", "", e.to_string()))?;
-        flushed.map_err(|(d, e)| BackendError::io("sync", &d.display().to_string(), e))
     }
 
     fn staging_dir(&self) -> Option<&Path> {

@@ -15,6 +15,8 @@
 //!   object_store) refuses one with [`ErrorKind::Other`] before writing anything. Where a
 //!   backend depends on its server for this (HTTP), its module says so.
 //! - **Idempotent overwrite.** [`PutMode::Overwrite`] replaces atomically.
+//! - **Durable when acknowledged.** A put that returned `Ok` survives a crash or power loss
+//!   ([`Backend::put_batch`] makes many durable together, where that is cheaper).
 //! - **Bounded memory.** Bodies are staged files ([`Body::File`]) or small in-memory objects;
 //!   a backend streams files and never holds one whole in memory. [`Backend::get`] returns a
 //!   stream.
@@ -208,9 +210,18 @@ impl From<ConfigError> for BackendError {
     }
 }
 
+/// One object of a [`Backend::put_batch`].
+#[derive(Debug)]
+pub struct Put {
+    pub key: String,
+    pub body: Body,
+    pub opts: PutOptions,
+}
+
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + fmt::Debug {
-    /// Store `body` under `key`, atomically, as `opts.mode` says.
+    /// Store `body` under `key`, atomically, as `opts.mode` says. When it returns `Ok`, the
+    /// object is durable: it survives a crash or a power loss of the machine that stores it.
     async fn put(&self, key: &str, body: Body, opts: PutOptions) -> Result<(), BackendError>;
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError>;
@@ -254,11 +265,30 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
-    /// Make everything `put` so far durable across a power loss. Stores where a returned `put`
-    /// is already durable (every remote one) need not override this. Callers call it before
-    /// they forget a request, e.g. before the daemon removes a queue entry.
-    async fn sync(&self) -> Result<(), BackendError> {
-        Ok(())
+    /// Store every object of `puts` as [`Backend::put`] would, and return when each one that
+    /// succeeded is durable; the results are in the order of `puts`. The objects of one batch
+    /// become visible in no particular order, so a caller batches only objects that do not
+    /// depend on each other (the NARs of several paths; narinfos whose NARs and references are
+    /// already durable).
+    ///
+    /// The default puts them all at once, each on its own, which is right for a store where
+    /// every `put` is durable when it returns at no extra cost (every remote one). A store that
+    /// pays per object for durability overrides it and says so in
+    /// [`Backend::durable_in_batches`].
+    async fn put_batch(&self, puts: Vec<Put>) -> Vec<Result<(), BackendError>> {
+        futures::future::join_all(
+            puts.into_iter()
+                .map(|p| async move { self.put(&p.key, p.body, p.opts).await }),
+        )
+        .await
+    }
+
+    /// Whether [`Backend::put_batch`] makes many small objects durable for much less than
+    /// their puts one by one would (a local directory: one flush of the file system's journal
+    /// for a batch instead of two per path). Publishers then gather small objects into
+    /// batches; elsewhere they put each object as soon as it is ready.
+    fn durable_in_batches(&self) -> bool {
+        false
     }
 
     /// Where to stage files for [`Body::File`] so that `put` can move rather than copy them:

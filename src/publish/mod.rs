@@ -17,6 +17,7 @@
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one
 //!    wins and the second does not rewrite it. `force` overwrites.
 
+mod batch;
 mod path;
 pub mod pipeline;
 pub mod plan;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
 use nixpush_backends::{
-    Backend, BackendError, BackendExt as _, Body, ErrorKind, PutMode, PutOptions,
+    Backend, BackendError, BackendExt as _, Body, ErrorKind, Put, PutMode, PutOptions,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tracing::{Instrument as _, debug, info_span};
@@ -315,10 +316,10 @@ impl Pusher {
             nar_bytes: to_push.values().map(|i| i.nar_size).sum(),
         });
 
+        // A path counts as published only once its narinfo is durable (every put and batch
+        // returns durable), so the caller may forget the request next (the daemon removes its
+        // queue entry).
         let results = self.publish_all(to_push, events).await;
-        // Whatever was published must survive a power loss before the caller forgets the
-        // request (the daemon removes its queue entry next).
-        self.backend.sync().await.map_err(|e| self.backend_err(e))?;
         for (path, nar_size, outcome) in results {
             match outcome {
                 Ok(Outcome::Published { file_size }) => {
@@ -387,11 +388,21 @@ impl Pusher {
     ) -> Vec<(StorePath, u64, Result<Outcome, Arc<PathError>>)> {
         let order = topological(&to_push);
         let spawn_order = order.clone();
+        let batcher = self
+            .backend
+            .durable_in_batches()
+            .then(|| batch::Batcher::start(self.backend.clone()));
+        // Where objects wait for a batch, as many of them wait as a batch holds.
+        let uploads = match batcher {
+            Some(_) => batch::BATCH_OBJECTS,
+            None => self.opts.jobs.max(1) * UPLOADS_PER_JOB,
+        };
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
             backend: self.backend.clone(),
+            batcher,
             opts: self.opts.clone(),
-            uploads: Semaphore::new(self.opts.jobs.max(1) * UPLOADS_PER_JOB),
+            uploads: Semaphore::new(uploads),
             events,
         });
         // Futures are built references-first, so every dependency's future exists already.

@@ -1,12 +1,15 @@
 //! Publishing one path: its NAR (from the store, through the pipeline, under a compression
 //! slot and an upload permit), then, once its references' narinfos are there, its signed
-//! narinfo, created only if absent.
+//! narinfo, created only if absent. Each is durable before the next step starts (put on its
+//! own, or in a [`batch`]).
 
 use super::*;
 
 pub(super) struct Ctx {
     pub(super) store: Arc<dyn Store>,
     pub(super) backend: Arc<dyn Backend>,
+    /// Where the backend makes small objects durable in batches (see [`batch`]).
+    pub(super) batcher: Option<batch::Batcher>,
     pub(super) opts: PushOptions,
     /// Uploads in flight at once ([`UPLOADS_PER_JOB`] per compression slot).
     pub(super) uploads: Semaphore,
@@ -72,16 +75,20 @@ pub(super) async fn publish_one(
             .map_err(|e| PathError::Internal(e.to_string()))?;
         drop(slot);
         debug!(key, file_size = staged.file_size, "uploading NAR");
-        ctx.backend
-            .put(
-                &key,
-                Body::File(staged.file),
-                PutOptions {
-                    mode: PutMode::Overwrite,
-                    content_type: "application/x-nix-nar",
-                },
-            )
-            .await?;
+        let put = Put {
+            key: key.clone(),
+            body: Body::File(staged.file),
+            opts: PutOptions {
+                mode: PutMode::Overwrite,
+                content_type: "application/x-nix-nar",
+            },
+        };
+        match &ctx.batcher {
+            Some(b) if staged.file_size <= batch::BATCH_OBJECT_MAX => {
+                b.put(put, staged.file_size).await?;
+            }
+            _ => ctx.backend.put(&put.key, put.body, put.opts).await?,
+        }
         (key, meta)
     };
 
@@ -126,17 +133,20 @@ pub(super) async fn publish_one(
     } else {
         PutMode::Create
     };
-    let put = ctx
-        .backend
-        .put(
-            &narinfo_key(&info.path),
-            Body::Bytes(narinfo.render().into()),
-            PutOptions {
-                mode,
-                content_type: "text/x-nix-narinfo",
-            },
-        )
-        .await;
+    let text = narinfo.render();
+    let bytes = text.len() as u64;
+    let put = Put {
+        key: narinfo_key(&info.path),
+        body: Body::Bytes(text.into()),
+        opts: PutOptions {
+            mode,
+            content_type: "text/x-nix-narinfo",
+        },
+    };
+    let put = match &ctx.batcher {
+        Some(b) => b.put(put, bytes).await,
+        None => ctx.backend.put(&put.key, put.body, put.opts).await,
+    };
     match put {
         Ok(()) => {
             (ctx.events)(&Event::Published {

@@ -15,8 +15,7 @@
 //!
 //! Once `put` returns, the file's bytes are on the server's disk (`fsync@openssh.com`); the
 //! rename that published it is as durable as the server's file system makes renames (SFTP has
-//! no way to flush a directory), so [`Backend::sync`](crate::Backend::sync) has nothing more
-//! to do. A writer killed mid-way leaves its temporary file behind (remove `.nixpush-*.tmp`
+//! no way to flush a directory). A writer killed mid-way leaves its temporary file behind (remove `.nixpush-*.tmp`
 //! files older than a day).
 //!
 //! The data goes up in writes of [`CHUNK`](super::CHUNK) bytes (or the server's limit), at
