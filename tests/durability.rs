@@ -124,7 +124,11 @@ fn a_narinfo_is_renamed_only_after_its_nar_and_references_are_durable() {
     .trim_matches('"')
     .to_owned();
     let closure = closure_of(&top);
-    assert_eq!(closure.len(), 121, "the test closure is not what it should be");
+    assert_eq!(
+        closure.len(),
+        121,
+        "the test closure is not what it should be"
+    );
 
     let cache = dir.path().join("cache");
     // The cache exists before the traced push, so that its real path is known.
@@ -218,8 +222,7 @@ fn a_narinfo_is_renamed_only_after_its_nar_and_references_are_durable() {
                  its reference {r} was durable (line {ref_durable})"
             );
         }
-        let durable =
-            durable_at(&name).unwrap_or_else(|| panic!("{name} was never made durable"));
+        let durable = durable_at(&name).unwrap_or_else(|| panic!("{name} was never made durable"));
         *made_durable_by.entry(durable).or_default() += 1;
     }
     let flushes: BTreeSet<usize> = made_durable_by.keys().copied().collect();

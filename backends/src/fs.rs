@@ -16,10 +16,10 @@
 //! SSD and far more on a busy disk, which for thousands of small paths (a NAR and a narinfo
 //! each) was most of a push. A batch pays that once:
 //! 1. every object of the batch is written to its temporary file, and writeback of each is
-//!    started (`sync_file_range`), so that the disk receives them all at once and the block
-//!    allocations of all of them land in the journal's running transaction;
-//! 2. each is `fdatasync`ed: the first waits for its data and commits that transaction; the
-//!    others find their data written and their transaction committed, and return at once;
+//!    started (`sync_file_range`), so that the disk receives them all at once;
+//! 2. they are `fdatasync`ed [`FLUSHES_AT_ONCE`] at a time: flushes in flight together share
+//!    the journal's commits and the disk's cache flushes (one after another, each would wait
+//!    for a commit of its own);
 //! 3. each is renamed (or linked) into place;
 //! 4. each directory that received a name is `fsync`ed, once.
 //!

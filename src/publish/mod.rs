@@ -11,7 +11,10 @@
 //!    its references. NARs of many paths are compressed and uploaded at once (bounded by
 //!    `jobs`: one for the largest NAR not yet started, the others references-first; a slot
 //!    is held while compressing, not while uploading); a narinfo waits only for its own
-//!    references.
+//!    references. Each object is durable before anything that depends on it is written:
+//!    where the backend makes small objects durable in batches (a local directory), NARs and
+//!    ready narinfos are gathered into batches ([`batch`]); a push reports a path published
+//!    only once its narinfo is durable.
 //! 4. The NarHash and NarSize we computed must equal what Nix's database says, or the path is
 //!    refused (the store is corrupt) and nothing of it becomes visible.
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one

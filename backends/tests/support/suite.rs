@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::TryStreamExt as _;
 use nixpush_backends::{
     Backend, BackendError, BackendExt as _, Body, ByteStream, CREATE_LIMIT, ErrorKind, OpenError,
-    PutMode, PutOptions,
+    Put, PutMode, PutOptions,
 };
 
 /// What a backend offers beyond the core contract.
@@ -422,6 +422,72 @@ pub async fn suite(b: Arc<dyn Backend>, caps: Caps) {
         "create over an overwritten key",
     );
     assert_eq!(get_all(b, "small.narinfo").await, replaced);
+
+    // A batch: each object as its own put would be, the results in order; an object refused
+    // fails alone, and the others are there when the batch returns.
+    let in_batch = Pattern::new(6, 300_000);
+    let results = b
+        .put_batch(vec![
+            Put {
+                key: "batch-a.narinfo".into(),
+                body: Body::Bytes(first.clone()),
+                opts: narinfo_opts(PutMode::Create),
+            },
+            Put {
+                key: "created.narinfo".into(),
+                body: Body::Bytes(Bytes::from_static(b"batch writer\n")),
+                opts: narinfo_opts(PutMode::Create),
+            },
+            Put {
+                key: "nar/batch.nar".into(),
+                body: Body::File(in_batch.staged(b)),
+                opts: opts(PutMode::Overwrite),
+            },
+            Put {
+                key: "../batch-escape".into(),
+                body: Body::Bytes(first.clone()),
+                opts: opts(PutMode::Overwrite),
+            },
+            Put {
+                key: "batch-b.narinfo".into(),
+                body: Body::Bytes(replaced.clone()),
+                opts: narinfo_opts(PutMode::Overwrite),
+            },
+        ])
+        .await;
+    let mut results = results.into_iter();
+    let mut next = |what: &str| {
+        results
+            .next()
+            .unwrap_or_else(|| panic!("put_batch: no result for {what}"))
+    };
+    next("a new narinfo").expect("batch: create a new key");
+    expect_kind(
+        next("a taken key"),
+        ErrorKind::AlreadyExists,
+        "batch: create existing key",
+    );
+    next("a staged NAR").expect("batch: put a staged file");
+    expect_kind(next("a bad key"), ErrorKind::Config, "batch: invalid key");
+    next("an overwrite").expect("batch: overwrite");
+    assert!(
+        results.next().is_none(),
+        "put_batch: more results than puts"
+    );
+    assert_eq!(get_all(b, "batch-a.narinfo").await, first);
+    assert_eq!(
+        get_all(b, "created.narinfo").await,
+        first,
+        "a refused create in a batch changed the object"
+    );
+    in_batch
+        .check(b.get("nar/batch.nar").await.unwrap())
+        .await
+        .expect("batch: staged file round trip");
+    assert_eq!(get_all(b, "batch-b.narinfo").await, replaced);
+    for k in ["batch-a.narinfo", "nar/batch.nar", "batch-b.narinfo"] {
+        b.delete(k).await.expect("delete a batch's object");
+    }
 
     // Every backend creates files up to CREATE_LIMIT bytes.
     let at_limit = Pattern::new(4, CREATE_LIMIT);
