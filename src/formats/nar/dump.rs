@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use super::{Finished, Node, Writer};
 
-/// Copy buffer for file contents: large reads keep syscalls off the profile.
+/// The most the copy buffer for file contents grows to: large reads keep syscalls off the
+/// profile. It grows to the largest file met, so that a path of small files (most of a real
+/// closure) does not clear a megabyte for each.
 const BUF_SIZE: usize = 1 << 20;
 
 /// Each message is whole by itself: the I/O error is part of it and not also the `source()`,
@@ -26,12 +28,16 @@ pub enum DumpError {
 /// Write the NAR of `path` into `out` and give `out` back.
 pub fn dump<W: Write>(path: &Path, out: W) -> Result<W, DumpError> {
     let root = Writer::open(out).map_err(DumpError::Sink)?;
-    let mut buf = vec![0u8; BUF_SIZE];
+    let mut buf = Vec::new();
     let done = node(path, root, &mut buf)?;
     Ok(done.expect("the root node gives its writer back"))
 }
 
-fn node<W: Write>(path: &Path, n: Node<'_, W>, buf: &mut [u8]) -> Result<Finished<W>, DumpError> {
+fn node<W: Write>(
+    path: &Path,
+    n: Node<'_, W>,
+    buf: &mut Vec<u8>,
+) -> Result<Finished<W>, DumpError> {
     let at = |error| DumpError::Io {
         path: path.to_owned(),
         error,
@@ -53,6 +59,10 @@ fn node<W: Write>(path: &Path, n: Node<'_, W>, buf: &mut [u8]) -> Result<Finishe
     } else if ft.is_file() {
         let executable = meta.permissions().mode() & 0o100 != 0;
         let mut f = fs::File::open(path).map_err(at)?;
+        let want = usize::try_from(meta.len()).map_or(BUF_SIZE, |l| l.clamp(1, BUF_SIZE));
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
         n.file(executable, meta.len(), &mut f, buf)
             .map_err(sink_or_path)
     } else if ft.is_dir() {
