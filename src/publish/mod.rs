@@ -405,6 +405,7 @@ impl Pusher {
             backend: self.backend.clone(),
             batcher,
             opts: self.opts.clone(),
+            contexts: Default::default(),
             uploads: Semaphore::new(uploads),
             events,
         });

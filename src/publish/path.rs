@@ -11,6 +11,8 @@ pub(super) struct Ctx {
     /// Where the backend makes small objects durable in batches (see [`batch`]).
     pub(super) batcher: Option<batch::Batcher>,
     pub(super) opts: PushOptions,
+    /// Codec contexts reused from path to path.
+    pub(super) contexts: Arc<pipeline::Contexts>,
     /// Uploads in flight at once ([`UPLOADS_PER_JOB`] per compression slot).
     pub(super) uploads: Semaphore,
     pub(super) events: EventSink,
@@ -44,8 +46,9 @@ pub(super) async fn publish_one(
         let staging = ctx.backend.staging_dir().map(ToOwned::to_owned);
         let compress = ctx.opts.compress;
         let size = info.nar_size;
+        let contexts = ctx.contexts.clone();
         let staged = tokio::task::spawn_blocking(move || {
-            pipeline::stage(source, staging.as_deref(), compress, size)
+            pipeline::stage(source, staging.as_deref(), compress, size, &contexts)
         })
         .await
         .map_err(|e| PathError::Internal(e.to_string()))??;

@@ -89,6 +89,7 @@ pub fn stage(
     staging_dir: Option<&Path>,
     opts: CompressOptions,
     size_hint: u64,
+    contexts: &Contexts,
 ) -> Result<Staged, PipelineError> {
     validate_level(opts.compression, opts.level)?;
     let dir = staging_dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
@@ -112,8 +113,16 @@ pub fn stage(
     } else {
         1
     };
-    let encoder = Encoder::new(file_side, opts.compression, opts.level, threads, size_hint)
-        .map_err(sink_err)?;
+    let mut zstd_ctx = (opts.compression == Compression::Zstd).then(|| contexts.take(threads));
+    let encoder = Encoder::new(
+        file_side,
+        opts.compression,
+        opts.level,
+        threads,
+        size_hint,
+        zstd_ctx.as_mut(),
+    )
+    .map_err(sink_err)?;
     let nar_side = BufWriter::with_capacity(WRITE_BUF, HashingWriter::new(encoder));
 
     let nar_side = match source {
@@ -129,6 +138,9 @@ pub fn stage(
         .map_err(|e| sink_err(e.into_error()))?;
     let (encoder, nar_hash, nar_size) = nar_hashing.finish();
     let file_side = encoder.finish().map_err(sink_err)?;
+    if let Some(ctx) = zstd_ctx {
+        contexts.give_back(threads, ctx);
+    }
     let (buffered, file_hash, file_size) = file_side.finish();
     let file = buffered
         .into_inner()
@@ -197,20 +209,52 @@ fn xz_dict_size(preset: u32) -> u64 {
     }
 }
 
-enum Encoder<W: Write> {
+/// zstd contexts kept from one NAR to the next, so that a push of thousands of paths does not
+/// build a context (its tables, and for a multi-threaded one its worker threads and buffer
+/// pool) for each. A context is taken for one NAR and given back once that NAR is whole; as
+/// many are out at once as paths compress at once, and at most [`Contexts::KEEP`] are kept.
+#[derive(Default)]
+pub struct Contexts {
+    /// Idle contexts, each with the worker count it was set up for.
+    zstd: std::sync::Mutex<Vec<(u32, zstd::zstd_safe::CCtx<'static>)>>,
+}
+
+impl Contexts {
+    const KEEP: usize = 8;
+
+    fn take(&self, threads: u32) -> zstd::zstd_safe::CCtx<'static> {
+        let mut idle = self.zstd.lock().unwrap_or_else(|p| p.into_inner());
+        match idle.iter().position(|(t, _)| *t == threads) {
+            Some(i) => idle.swap_remove(i).1,
+            None => zstd::zstd_safe::CCtx::create(),
+        }
+    }
+
+    fn give_back(&self, threads: u32, ctx: zstd::zstd_safe::CCtx<'static>) {
+        let mut idle = self.zstd.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < Self::KEEP {
+            idle.push((threads, ctx));
+        }
+    }
+}
+
+enum Encoder<'c, W: Write> {
     None(W),
     Xz(xz2::write::XzEncoder<W>),
     Bzip2(bzip2::write::BzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Zstd(zstd::stream::write::Encoder<'c, W>),
 }
 
-impl<W: Write> Encoder<W> {
+impl<'c, W: Write> Encoder<'c, W> {
+    /// `zstd_ctx`: a context to compress with (zstd only; every parameter is set anew, and
+    /// its worker count matches `threads`, as [`Contexts`] hands them out).
     fn new(
         w: W,
         compression: Compression,
         level: Option<i32>,
         threads: u32,
         size_hint: u64,
+        zstd_ctx: Option<&'c mut zstd::zstd_safe::CCtx<'static>>,
     ) -> io::Result<Self> {
         Ok(match compression {
             Compression::None => Self::None(w),
@@ -240,7 +284,13 @@ impl<W: Write> Encoder<W> {
                 bzip2::Compression::new(level.unwrap_or(9) as u32),
             )),
             Compression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(w, level.unwrap_or(3))?;
+                let mut e = match zstd_ctx {
+                    Some(ctx) => zstd::stream::write::Encoder::with_context(w, ctx),
+                    None => zstd::stream::write::Encoder::new(w, 0)?,
+                };
+                e.set_parameter(zstd::stream::raw::CParameter::CompressionLevel(
+                    level.unwrap_or(3),
+                ))?;
                 if threads > 1 {
                     e.multithread(threads)?;
                     // zstd's default job size at level 3 kept ~110 MiB of buffers in flight;
@@ -269,7 +319,7 @@ impl<W: Write> Encoder<W> {
     }
 }
 
-impl<W: Write> Write for Encoder<W> {
+impl<W: Write> Write for Encoder<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Self::None(w) => w.write(buf),
