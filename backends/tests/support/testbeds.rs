@@ -796,10 +796,27 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        run(Command::new("ssh-add")
-            .env("SSH_AUTH_SOCK", &socket)
-            .arg("-q")
-            .arg(key));
+        // The socket's name appears when ssh-agent binds it, a moment before it listens: a
+        // refused first connection is retried (seen once under load).
+        loop {
+            let out = Command::new("ssh-add")
+                .env("SSH_AUTH_SOCK", &socket)
+                .arg("-q")
+                .arg(key)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run ssh-add");
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "ssh-add failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Agent {
             socket,
             proc,
