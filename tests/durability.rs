@@ -3,9 +3,12 @@
 //! is the truth the publishing rules must hold to, whatever the code looks like.
 //!
 //! For every narinfo, at the moment it is renamed into place:
-//! - its own bytes were flushed (`fdatasync` of its temporary file);
-//! - its NAR was flushed, renamed into `nar/`, and `nar/` flushed after that rename;
-//! - the narinfo of every reference was renamed and the cache's directory flushed after that.
+//! - its own bytes were flushed (`fdatasync` of its temporary file, or a `syncfs` after they
+//!   were written);
+//! - its NAR was flushed, renamed into `nar/`, and `nar/` (or the file system) flushed after
+//!   that rename;
+//! - the narinfo of every reference was renamed and the cache's directory (or the file system)
+//!   flushed after that.
 //!
 //! And before the push exits successfully, every narinfo's name was flushed. Objects are made
 //! durable in batches: at least one flush of the cache directory makes several narinfos
@@ -84,7 +87,7 @@ fn parse_trace(text: &str) -> Vec<Call> {
 
 fn call(name: &str, args: &str, start: usize, end: usize, result: &str) -> Call {
     let paths = match name {
-        "fsync" | "fdatasync" | "sync_file_range" => {
+        "fsync" | "fdatasync" | "syncfs" | "sync_file_range" => {
             // `7</dir/file>`
             let from = args.find('<').map_or(0, |i| i + 1);
             let to = args[from..].find('>').map_or(args.len(), |i| from + i);
@@ -140,7 +143,7 @@ fn a_narinfo_is_renamed_only_after_its_nar_and_references_are_durable() {
         .arg(&trace)
         .args([
             "-e",
-            "trace=fsync,fdatasync,sync_file_range,rename,renameat,renameat2,link,linkat",
+            "trace=fsync,fdatasync,syncfs,sync_file_range,rename,renameat,renameat2,link,linkat",
         ])
         .arg(&*NIXPUSH);
     let out = run_ok(&mut push_cmd(cmd, cache.to_str().unwrap(), &keys, &top));
@@ -150,8 +153,12 @@ fn a_narinfo_is_renamed_only_after_its_nar_and_references_are_durable() {
     let root = cache.to_str().unwrap().to_owned();
     let nar_dir = format!("{root}/nar");
     let in_cache = |p: &str| p == root || p.starts_with(&format!("{root}/"));
-    // When each file's data, and each name, became durable (the end of the flush).
+    // When each file's data became durable (the end of its flush), and when it was last
+    // written (its `sync_file_range`, which follows the writes).
     let mut data_flushed: HashMap<String, usize> = HashMap::new();
+    let mut written: HashMap<String, usize> = HashMap::new();
+    // Flushes of the whole file system (start, end): all data and names before their start.
+    let mut fs_flushes: Vec<(usize, usize)> = Vec::new();
     // Name → (rename start, rename end).
     let mut renamed: HashMap<String, (usize, usize)> = HashMap::new();
     // Directory → flushes (start, end).
@@ -167,27 +174,36 @@ fn a_narinfo_is_renamed_only_after_its_nar_and_references_are_durable() {
             "fdatasync" | "fsync" => {
                 data_flushed.entry(c.paths[0].clone()).or_insert(c.end);
             }
-            "sync_file_range" => {}
+            "sync_file_range" => {
+                written.insert(c.paths[0].clone(), c.end);
+            }
+            "syncfs" => fs_flushes.push((c.start, c.end)),
             _ => {
                 let [old, new] = &c.paths[..] else {
                     panic!("a rename without two names: {c:?}");
                 };
-                let flushed = data_flushed.get(old).copied();
+                let by_file = data_flushed.get(old).is_some_and(|f| *f < c.start);
+                let by_fs = written
+                    .get(old)
+                    .is_some_and(|w| fs_flushes.iter().any(|(s, e)| s > w && *e < c.start));
                 assert!(
-                    flushed.is_some_and(|f| f < c.start),
+                    by_file || by_fs,
                     "{new} was renamed from {old} before that file's data was flushed"
                 );
                 renamed.insert(new.clone(), (c.start, c.end));
             }
         }
     }
-    // The first flush of the name's directory that started after the rename ended.
+    // The first flush of the name's directory, or of the file system, that started after the
+    // rename ended.
     let durable_at = |name: &str| -> Option<usize> {
         let (_, end) = *renamed.get(name)?;
         let dir = Path::new(name).parent()?.to_str()?;
         dir_flushes
-            .get(dir)?
-            .iter()
+            .get(dir)
+            .into_iter()
+            .flatten()
+            .chain(&fs_flushes)
             .filter(|(s, _)| *s > end)
             .map(|(_, e)| *e)
             .min()

@@ -11,17 +11,24 @@
 //! Temporary names start with [`TMP_PREFIX`] and are never listed.
 //!
 //! # Durability per batch ([`Backend::put_batch`])
-//! Flushing costs little per byte and much per call: every `fdatasync` of a new file commits
-//! the file system's journal and flushes the disk's cache, about a millisecond each on an
-//! SSD and far more on a busy disk, which for thousands of small paths (a NAR and a narinfo
-//! each) was most of a push. A batch pays that once:
+//! Flushing costs little per byte and much per call: every `fdatasync` of a new file writes its
+//! metadata (commits the journal, where there is one) and flushes the disk's cache, from a
+//! fraction of a millisecond to several on a busy disk, which for thousands of small paths (a
+//! NAR and a narinfo each) was most of a push. A batch shares that cost:
 //! 1. every object of the batch is written to its temporary file, and writeback of each is
 //!    started (`sync_file_range`), so that the disk receives them all at once;
 //! 2. they are `fdatasync`ed [`FLUSHES_AT_ONCE`] at a time: flushes in flight together share
-//!    the journal's commits and the disk's cache flushes (one after another, each would wait
-//!    for a commit of its own);
+//!    the disk's cache flushes (and a journal's commits, where there is one);
 //! 3. each is renamed (or linked) into place;
 //! 4. each directory that received a name is `fsync`ed, once.
+//!
+//! Where the kernel has little else waiting to be written (at most [`SYNCFS_OTHERS_MAX`]
+//! besides the batch, by `/proc/meminfo`), steps 2 and 4 are one `syncfs` each instead: the
+//! file system's dirty data and metadata, ours among them, written and the disk's cache flushed
+//! once. Measured on this project's machine (ext4 without a journal), 4001 small paths took
+//! 1.0-1.4 s that way against 1.3-1.5 s with the flushes file by file (`nix copy`, which does
+//! not flush: 1.7-1.9 s). With more waiting (a build writing gigabytes to the same disk), a
+//! `syncfs` would wait for all of it, so the batch flushes only its own files.
 //!
 //! The objects of one batch become durable, and visible, in no particular order. That is all
 //! the publisher needs, and it asks for no more: it batches NARs of many paths together, and
@@ -197,6 +204,8 @@ struct Pending {
     mode: PutMode,
     tmp: tempfile::TempPath,
     file: fs::File,
+    /// Bytes written for it (what a flush of it costs the disk).
+    len: u64,
 }
 
 /// Steps 2 and 3 for one prepared object, on the blocking pool.
@@ -208,6 +217,73 @@ async fn flush_one(
         .await
         .map_err(|e| internal_join(&e, &key))?
         .map_err(|e| BackendError::io("put", &key, e))
+}
+
+/// What this machine's kernel has waiting to be written to any disk (`Dirty` and `Writeback`
+/// of `/proc/meminfo`), in bytes; `None` where it does not say.
+fn unwritten_bytes() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |field: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(field))?;
+        line[field.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((kib("Dirty:")? + kib("Writeback:")?) * 1024)
+}
+
+/// `syncfs` is worth it while what else waits to be written is at most this: it writes back
+/// everything dirty on the file system, not only the batch.
+const SYNCFS_OTHERS_MAX: u64 = 16 << 20;
+
+/// Steps 2-4 with the whole file system flushed at once (see the module doc), in the blocking
+/// pass that prepared the batch.
+fn flush_file_system(
+    root: &Path,
+    prepared: Vec<Result<io::Result<Pending>, BackendError>>,
+    keys: &[String],
+) -> Vec<Result<(), BackendError>> {
+    let flush = |what: &str| {
+        fs::File::open(root)
+            .and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from))
+            .map_err(|e| {
+                format!(
+                    "cannot flush the file system of {} ({what}): {e}",
+                    root.display()
+                )
+            })
+    };
+    let data = flush("the batch's data");
+    let committed: Vec<Result<(), BackendError>> = prepared
+        .into_iter()
+        .zip(keys)
+        .map(|(p, key)| {
+            let p = p?.map_err(|e| BackendError::io("put", key, e))?;
+            if let Err(m) = &data {
+                return Err(BackendError::new(ErrorKind::Other, "put", key, m.clone()));
+            }
+            drop(p.file);
+            commit(p.tmp, &p.dest, p.mode).map_err(|e| BackendError::io("put", key, e))
+        })
+        .collect();
+    if !committed.iter().any(Result::is_ok) {
+        return committed;
+    }
+    let names = flush("the batch's names");
+    committed
+        .into_iter()
+        .zip(keys)
+        .map(|(r, key)| {
+            r?;
+            names
+                .as_ref()
+                .map(|_| ())
+                .map_err(|m| BackendError::new(ErrorKind::Other, "put", key, m.clone()))
+        })
+        .collect()
 }
 
 fn internal_join(e: &tokio::task::JoinError, key: &str) -> BackendError {
@@ -234,11 +310,13 @@ fn prepare(dest: PathBuf, body: Body, mode: PutMode) -> io::Result<Pending> {
         }
     };
     start_writeback(&file);
+    let len = file.metadata()?.len();
     Ok(Pending {
         dest,
         mode,
         tmp,
         file,
+        len,
     })
 }
 
@@ -272,20 +350,34 @@ impl Backend for FsBackend {
 
     async fn put_batch(&self, puts: Vec<Put>) -> Vec<Result<(), BackendError>> {
         let keys: Vec<String> = puts.iter().map(|p| p.key.clone()).collect();
-        // Step 1, in one blocking pass: every object in its temporary file, writeback started.
+        // Step 1, in one blocking pass: every object in its temporary file, writeback started;
+        // where little else waits to be written, steps 2-4 for the whole file system at once.
         let items: Vec<_> = puts
             .into_iter()
             .map(|p| (self.path_of("put", &p.key), p.body, p.opts.mode))
             .collect();
-        let prepared = match tokio::task::spawn_blocking(move || {
-            items
+        let root = self.root.clone();
+        let batch_keys = keys.clone();
+        let first = tokio::task::spawn_blocking(move || {
+            let prepared: Vec<Result<io::Result<Pending>, BackendError>> = items
                 .into_iter()
                 .map(|(dest, body, mode)| dest.map(|d| prepare(d, body, mode)))
-                .collect::<Vec<Result<io::Result<Pending>, BackendError>>>()
+                .collect();
+            let ours: u64 = prepared
+                .iter()
+                .filter_map(|p| p.as_ref().ok()?.as_ref().ok())
+                .map(|p| p.len)
+                .sum();
+            if unwritten_bytes().is_some_and(|all| all <= ours + SYNCFS_OTHERS_MAX) {
+                Ok(flush_file_system(&root, prepared, &batch_keys))
+            } else {
+                Err(prepared)
+            }
         })
-        .await
-        {
-            Ok(p) => p,
+        .await;
+        let prepared = match first {
+            Ok(Ok(done)) => return done,
+            Ok(Err(prepared)) => prepared,
             Err(e) => return keys.iter().map(|k| Err(internal_join(&e, k))).collect(),
         };
         // Steps 2 and 3, many at once.
