@@ -507,6 +507,175 @@ fn bad_requests_and_entries_are_refused_and_good_ones_still_land() {
     setup.nix_substitutes(&good);
 }
 
+/// Whatever an entry's name or kind, if it can never succeed it is moved to rejected/ with a
+/// reason that says why, the log says so, and the daemon goes on: a name that is not UTF-8, a
+/// name too long for a `.reason` beside it, a name already taken in rejected/, a directory, a
+/// FIFO (never opened: that would block), a socket, a device node (as root).
+#[test]
+fn entries_of_any_name_or_kind_that_can_never_succeed_are_rejected_with_a_reason() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt as _;
+
+    let setup = Setup::new("");
+    fs::create_dir_all(setup.queue.join("rejected")).expect("queue dir");
+    let l = leaves("odd-entries", &["l1", "l2", "l3"]);
+    let old = Duration::from_secs(60);
+    let raw = |name: &OsString| setup.queue.join(name);
+    // (name in the queue, name expected in rejected/, words of the reason)
+    let mut bad: Vec<(OsString, OsString, Vec<String>)> = Vec::new();
+
+    let not_utf8 = OsString::from_vec(b"bad-\xff".to_vec());
+    fs::write(raw(&not_utf8), "/etc/passwd\n").expect("write");
+    bad.push((
+        not_utf8.clone(),
+        not_utf8.clone(),
+        vec!["name is not UTF-8".into(), "name entries in UTF-8".into()],
+    ));
+
+    // 255 bytes: as long as a name can be, so `<name>.reason` cannot exist.
+    let long = "x".repeat(255);
+    // Written in place (a dot-file of that name would be too long), before the daemon runs.
+    fs::write(setup.queue.join(&long), "/etc/passwd\n").expect("write");
+    age_file(&setup.queue.join(&long), old);
+    let mut short = "x".repeat(255 - ".reason".len() - 2);
+    short.push_str("~1");
+    bad.push((
+        long.clone().into(),
+        short.into(),
+        vec![
+            "\"/etc/passwd\" is not in the Nix store".into(),
+            format!("the entry was queued as {long}"),
+            "too long for a .reason file".into(),
+        ],
+    ));
+    // A long name that is a good request is published like any other.
+    let long_good = format!("{}-good", "y".repeat(250));
+    fs::write(setup.queue.join(&long_good), format!("{}\n", l[0])).expect("write");
+
+    // A name already taken in rejected/ (by an earlier entry of that name).
+    fs::write(setup.queue.join("rejected/dup"), "earlier\n").expect("write");
+    fs::write(setup.queue.join("rejected/dup.reason"), "earlier\n").expect("write");
+    write_entry_aged(&setup, "dup", b"not a path\n", old);
+    bad.push((
+        "dup".into(),
+        "dup~1".into(),
+        vec![
+            "\"not\" is not in the Nix store".into(),
+            "the entry was queued as dup".into(),
+            "name was taken in rejected/".into(),
+        ],
+    ));
+
+    let dir = OsString::from("a-directory");
+    fs::create_dir(raw(&dir)).expect("mkdir");
+    fs::write(raw(&dir).join("inside"), format!("{}\n", l[1])).expect("write");
+    bad.push((
+        dir.clone(),
+        dir,
+        vec!["the entry is a directory, not a regular file".into()],
+    ));
+
+    let fifo = OsString::from("a-fifo");
+    run_ok(Command::new("mkfifo").arg(raw(&fifo)));
+    bad.push((
+        fifo.clone(),
+        fifo,
+        vec!["the entry is a FIFO (named pipe), not a regular file".into()],
+    ));
+
+    let socket = OsString::from("a-socket");
+    let _listener = std::os::unix::net::UnixListener::bind(raw(&socket)).expect("bind");
+    bad.push((
+        socket.clone(),
+        socket,
+        vec!["the entry is a socket, not a regular file".into()],
+    ));
+
+    let root =
+        fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    if root {
+        // The same device as /dev/null: harmless even if it were opened (it is not).
+        let dev = OsString::from("a-device");
+        run_ok(Command::new("mknod").arg(raw(&dev)).args(["c", "1", "3"]));
+        bad.push((
+            dev.clone(),
+            dev,
+            vec!["the entry is a character device, not a regular file".into()],
+        ));
+    } else {
+        eprintln!("not root: no device node in the queue");
+    }
+
+    let mut daemon = setup.start();
+    let rejected_all = || {
+        bad.iter().all(|(_, r, _)| {
+            let mut reason = r.clone();
+            reason.push(".reason");
+            fs::symlink_metadata(setup.queue.join("rejected").join(r)).is_ok()
+                && setup.queue.join("rejected").join(&reason).is_file()
+        })
+    };
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "rejections; rejected/: {:?}; queue: {:?}\n--- log:\n{}",
+                setup.rejected(),
+                setup.queued(),
+                daemon.log_tail()
+            )
+        },
+        rejected_all,
+    );
+    for (name, moved, words) in &bad {
+        let mut reason_name = moved.clone();
+        reason_name.push(".reason");
+        let reason = fs::read_to_string(setup.queue.join("rejected").join(&reason_name))
+            .expect("reason file");
+        for w in words {
+            assert!(
+                reason.contains(w.as_str()),
+                "rejected/{}: {reason:?} should say {w:?}",
+                reason_name.to_string_lossy()
+            );
+        }
+        assert!(
+            fs::symlink_metadata(setup.queue.join(name)).is_err(),
+            "{} still queued",
+            name.to_string_lossy()
+        );
+    }
+    // The earlier rejection of that name is untouched.
+    assert_eq!(
+        fs::read_to_string(setup.queue.join("rejected/dup")).expect("dup"),
+        "earlier\n"
+    );
+    let log = fs::read_to_string(&setup.log).expect("log");
+    for needle in [
+        "rejecting queue entry",
+        r"bad-\xff",
+        "name is not UTF-8",
+        "a FIFO (named pipe)",
+    ] {
+        assert!(
+            log.contains(needle),
+            "the log should say {needle:?}:\n{log}"
+        );
+    }
+
+    // And it goes on: the long good name and a later request are published.
+    setup.enqueue(&l[2..3]);
+    setup.wait_published(&[l[0].clone(), l[2].clone()], &daemon);
+    daemon.assert_running();
+    let st = setup.status();
+    assert_eq!(status_u64(&st, "rejected"), bad.len() as u64, "{st}");
+    assert_eq!(status_u64(&st, "queue_depth"), 0, "{st}");
+    assert!(
+        !setup.published(&l[1..2]),
+        "a path named inside a directory entry was published"
+    );
+}
+
 /// `nixpush daemon --config` with `text`: fails at once, saying all of `needles`, and never
 /// listens.
 fn expect_config_refused(setup: &Setup, text: &str, needles: &[&str]) {

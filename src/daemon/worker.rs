@@ -250,7 +250,7 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
     }
     let mut any_retry = false;
     for r in &ready {
-        let span = info_span!("entry", name = %r.entry.name);
+        let span = info_span!("entry", name = %r.entry);
         let result = async {
             let roots = resolve(&shared, &r.items).await?;
             push(&shared, &roots).await
@@ -313,7 +313,7 @@ pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Fai
     };
     let message = f.message(shared.store().store_dir());
     if f.is_transient() {
-        warn!(entry = %entry.name, error = %message, "publishing failed; will retry");
+        warn!(entry = %entry, error = %message, "publishing failed; will retry");
         shared.record_error(message);
         Pass::RetryLater
     } else {
@@ -325,18 +325,18 @@ pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Fai
 pub(super) fn finish(shared: &Arc<Shared>, entry: &Entry) {
     if let Err(e) = shared.queue.remove(entry) {
         // The entry stays and is pushed again later: harmless, everything is present then.
-        warn!(entry = %entry.name, error = %e, "cannot remove a finished queue entry");
+        warn!(entry = %entry, error = %e, "cannot remove a finished queue entry");
     } else {
-        debug!(entry = %entry.name, "entry done");
+        debug!(entry = %entry, "entry done");
     }
 }
 
 pub(super) fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
-    error!(entry = %entry.name, %reason, "rejecting queue entry");
+    error!(entry = %entry, %reason, "rejecting queue entry");
     shared.status().rejected += 1;
-    shared.record_error(format!("rejected {}: {reason}", entry.name));
+    shared.record_error(format!("rejected {entry}: {reason}"));
     if let Err(e) = shared.queue.reject(entry, reason) {
-        error!(entry = %entry.name, error = %e, "cannot move the entry to rejected/");
+        error!(entry = %entry, error = %e, "cannot move the entry to rejected/");
     }
 }
 
