@@ -676,6 +676,89 @@ fn entries_of_any_name_or_kind_that_can_never_succeed_are_rejected_with_a_reason
     );
 }
 
+/// The longest `retry_in=` the daemon's log shows (`will retry retry_in=8.1234s`).
+fn longest_retry_logged(log: &Path) -> Duration {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("will retry"))
+        .filter_map(|l| {
+            let v = l.split("retry_in=").nth(1)?.split_whitespace().next()?;
+            let (num, scale) = if let Some(ms) = v.strip_suffix("ms") {
+                (ms, 1e-3)
+            } else {
+                (v.strip_suffix('s')?, 1.0)
+            };
+            Some(Duration::from_secs_f64(num.parse::<f64>().ok()? * scale))
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+/// After an outage of the cache, the queue drains within moments of the cache answering
+/// again, however long the backoff of the failed passes had grown.
+#[test]
+fn the_queue_drains_soon_after_the_cache_answers_again_whatever_the_backoff() {
+    let setup = Setup::new("");
+    let text = setup
+        .config_text("")
+        .replace("retry-max-delay-secs = 2", "retry-max-delay-secs = 120");
+    assert!(text.contains("retry-max-delay-secs = 120"));
+    fs::write(&setup.config, text).expect("config");
+    let l = leaves("outage", &["l1"]);
+    let daemon = setup.start();
+    wait_until(
+        PATIENCE,
+        || format!("not ready\n--- log:\n{}", daemon.log_tail()),
+        || fs::read_to_string(&setup.log).is_ok_and(|t| t.contains("ready")),
+    );
+
+    // The outage: the cache directory is away, a file in its place.
+    let away = setup.dir.path().join("cache-away");
+    fs::rename(&setup.cache, &away).expect("move the cache away");
+    fs::write(&setup.cache, "not a directory\n").expect("block the cache");
+    setup.enqueue(&l);
+    // Until the backoff has grown well past the time allowed below.
+    const LONG_BACKOFF: Duration = Duration::from_secs(8);
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "no backoff of {LONG_BACKOFF:?} yet\n--- log:\n{}",
+                daemon.log_tail()
+            )
+        },
+        || longest_retry_logged(&setup.log) >= LONG_BACKOFF,
+    );
+    // (After the probe that follows the failure at once, as it does.)
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!setup.published(&l));
+    assert_eq!(setup.status()["retrying"], true);
+
+    // The cache is back: published within moments, not after the backoff.
+    fs::remove_file(&setup.cache).expect("unblock");
+    fs::rename(&away, &setup.cache).expect("bring the cache back");
+    let back = Instant::now();
+    setup.wait_published(&l, &daemon);
+    let took = back.elapsed();
+    eprintln!(
+        "published {took:?} after the cache came back (the backoff then: {:?})",
+        longest_retry_logged(&setup.log)
+    );
+    assert!(
+        took < Duration::from_secs(7),
+        "published {took:?} after the cache answered again\n--- log:\n{}",
+        daemon.log_tail()
+    );
+    let log = fs::read_to_string(&setup.log).expect("log");
+    assert!(
+        log.contains("the cache answers again; retrying now"),
+        "{}",
+        daemon.log_tail()
+    );
+    assert_eq!(setup.status()["retrying"], false);
+    check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// `nixpush daemon --config` with `text`: fails at once, saying all of `needles`, and never
 /// listens.
 fn expect_config_refused(setup: &Setup, text: &str, needles: &[&str]) {
