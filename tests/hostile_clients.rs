@@ -318,3 +318,40 @@ fn hook_falls_back_when_the_daemons_listen_queue_is_full_and_not_after() {
     setup.wait_published(&files[..2], &daemon);
     daemon.assert_running();
 }
+
+/// With few descriptors (a low `ulimit -n`), a crowd of idle connections takes them all; the
+/// daemon closes the oldest to take a hook's connection rather than stop accepting.
+#[test]
+fn out_of_descriptors_the_daemon_sheds_the_oldest_to_take_a_hook() {
+    let setup = Setup::new("");
+    let files = nix_eval_paths(FILES_NIX, &unique("few-fds"), "files");
+    let inner = setup.daemon_command();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 96 && exec \"$0\" \"$@\""])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for v in ["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "WATCHDOG_USEC"] {
+        cmd.env_remove(v);
+    }
+    let mut daemon = setup.start_with(cmd);
+    // More than the daemon has descriptors for, all idle (within the request deadline).
+    let crowd: Vec<UnixStream> = (0..150).map(|_| connect(&setup.socket)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (out, took) = hook(&setup, &files[0]);
+    eprintln!("the hook took {took:?} with the daemon out of descriptors");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "acknowledged by the daemon: {}\n--- daemon log:\n{}",
+        out.report(),
+        daemon.log_tail()
+    );
+    let log = fs::read_to_string(&setup.log).expect("log");
+    assert!(
+        log.contains("too many connections are waiting to send their request; closing the oldest"),
+        "the daemon should have run out of descriptors and shed: {}",
+        daemon.log_tail()
+    );
+    drop(crowd);
+    setup.wait_published(&files[..1], &daemon);
+    daemon.assert_running();
+}

@@ -144,9 +144,12 @@ pub(super) async fn accept_loop(
                     );
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    // Out of descriptors: make room by closing the oldest waiting connection;
-                    // with none to close, back off instead of spinning.
-                    if !lock(&waiting).shed_oldest() {
+                    // Out of descriptors: make room by closing the oldest waiting connection
+                    // (its task closes it; give it a moment to run, or this would shed them
+                    // all before the first had closed); with none to close, back off.
+                    if lock(&waiting).shed_oldest() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    } else {
                         warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -173,6 +176,7 @@ async fn connection(
     mut shed: tokio::sync::oneshot::Receiver<()>,
     large: Arc<Semaphore>,
 ) {
+    let accepted = Instant::now();
     let read = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&stream, &large));
     let line = tokio::select! {
         r = read => r,
@@ -190,6 +194,11 @@ async fn connection(
         return;
     }
     let line = match line {
+        // Connected and closed without a word (a liveness check): nothing to answer or log.
+        Ok(Ok(line)) if line.is_empty() => {
+            debug!("connection closed without a request");
+            return;
+        }
         Ok(read) => read,
         Err(_elapsed) => {
             debug!("no complete request in time; closing");
@@ -204,11 +213,19 @@ async fn connection(
             return;
         }
     };
+    let read_us = accepted.elapsed().as_micros();
     if tokio::time::timeout(ANSWER_TIMEOUT, answer(&shared, stream, line))
         .await
         .is_err()
     {
         debug!("client connection timed out while being answered");
+    } else {
+        // Where a hook's wait goes, for `log-level = "nixpush::daemon::server=debug"`.
+        debug!(
+            read_us,
+            total_us = accepted.elapsed().as_micros(),
+            "answered"
+        );
     }
 }
 
@@ -327,6 +344,7 @@ pub(super) async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
     // The write blocks for a few milliseconds (two fsyncs). On this thread, with its other
     // tasks handed to another, the acknowledgement follows it at once; the blocking pool would
     // add two thread wake-ups to every request, the tail of a hook's latency on a busy machine.
+    let started = Instant::now();
     let done = match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(write)),
         _ => tokio::task::spawn_blocking(write).await,
@@ -334,7 +352,7 @@ pub(super) async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
     match done {
         Ok(Ok(Err(message))) => Response::Error { message },
         Ok(Ok(Ok(entry))) => {
-            debug!(entry, "queued");
+            debug!(entry, write_us = started.elapsed().as_micros(), "queued");
             shared.nudge.notify_one();
             Response::Queued { entry }
         }
