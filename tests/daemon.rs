@@ -300,6 +300,7 @@ fn bad_requests_and_entries_are_refused_and_good_ones_still_land() {
         &["malformed request"],
     );
     expect_refused(&setup, b"not json at all\n", &["malformed request"]);
+    expect_refused(&setup, b"\n", &["malformed request"]);
     expect_refused(&setup, b"\xff\xfe\x00garbage\n", &["malformed request"]);
     expect_refused(&setup, b"{\"op\":\"frobnicate\"}\n", &["frobnicate"]);
     expect_refused(

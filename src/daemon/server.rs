@@ -194,12 +194,13 @@ async fn connection(
         return;
     }
     let line = match line {
-        // Connected and closed without a word (a liveness check): nothing to answer or log.
-        Ok(Ok(line)) if line.is_empty() => {
+        // Connected and closed without a byte (a liveness check): nothing to answer or log.
+        Ok(Ok(None)) => {
             debug!("connection closed without a request");
             return;
         }
-        Ok(read) => read,
+        Ok(Ok(Some(line))) => Ok(line),
+        Ok(Err(e)) => Err(e),
         Err(_elapsed) => {
             debug!("no complete request in time; closing");
             refuse_now(
@@ -240,9 +241,12 @@ fn refuse_now(stream: &UnixStream, message: &str) {
     }
 }
 
-/// One request line (without its newline; the end of the stream ends it too). Nothing is
-/// allocated until the first bytes arrive.
-async fn read_request(stream: &UnixStream, large: &Semaphore) -> Result<Vec<u8>, ReadError> {
+/// One request line (without its newline; the end of the stream ends it too), or `None` if the
+/// stream ends before a byte. Nothing is allocated until the first bytes arrive.
+async fn read_request(
+    stream: &UnixStream,
+    large: &Semaphore,
+) -> Result<Option<Vec<u8>>, ReadError> {
     let mut line = Vec::new();
     let mut permit = None;
     loop {
@@ -263,11 +267,12 @@ async fn read_request(stream: &UnixStream, large: &Semaphore) -> Result<Vec<u8>,
         line.reserve(READ_CHUNK.min(room - line.len()).max(1));
         let start = line.len();
         match stream.try_read_buf(&mut line) {
-            Ok(0) => return Ok(line),
+            Ok(0) if line.is_empty() => return Ok(None),
+            Ok(0) => return Ok(Some(line)),
             Ok(_) => {
                 if let Some(i) = line[start..].iter().position(|&b| b == b'\n') {
                     line.truncate(start + i);
-                    return Ok(line);
+                    return Ok(Some(line));
                 }
                 if line.len() > protocol::MAX_MESSAGE {
                     return Err(ReadError::TooLarge);
