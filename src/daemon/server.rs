@@ -19,8 +19,9 @@
 //!   line at once, so only more than [`MAX_WAITING`] new connections within that moment push
 //!   it out, and then it falls back to the queue directory within its timeout. Out of
 //!   descriptors (`EMFILE`, `ENFILE`), the loop sheds the oldest waiting connection and
-//!   accepts again. This keeps the daemon's descriptors for connections under
-//!   `MAX_WAITING` plus those being answered, well under the usual limit of 1024.
+//!   accepts again. Where the descriptor limit is low, fewer may wait (half of what is left
+//!   after [`RESERVED_DESCRIPTORS`]; 480 under the usual limit of 1024), so that a connection
+//!   that has sent its request can still open its queue entry and the worker its files.
 //! - **Bounded memory.** A request is at most [`protocol::MAX_MESSAGE`]; a line longer than
 //!   [`SMALL_REQUEST`] needs one of [`LARGE_REQUESTS`] permits (waited for within the same
 //!   deadline) to be read further, so the buffers of waiting connections come to at most
@@ -37,6 +38,10 @@ use super::*;
 
 /// Connections that may wait for their request line at once; one more closes the oldest.
 pub(super) const MAX_WAITING: usize = 512;
+
+/// Descriptors left for everything but waiting connections: the queue's files, the store's
+/// connection, the cache's files and sockets, the worker's staging files.
+pub(super) const RESERVED_DESCRIPTORS: u64 = 64;
 
 /// From the accept to the end of the request line.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -58,8 +63,9 @@ const SHED_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The connections waiting for their request line, oldest first. Dropping a connection's
 /// sender tells it to close.
-#[derive(Default)]
 struct Waiting {
+    /// How many may wait: [`MAX_WAITING`], or fewer under a low descriptor limit.
+    limit: usize,
     conns: BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
     shed: u64,
     last_warning: Option<Instant>,
@@ -78,7 +84,7 @@ impl Waiting {
         {
             self.last_warning = Some(Instant::now());
             warn!(
-                limit = MAX_WAITING,
+                limit = self.limit,
                 closed_so_far = self.shed,
                 "too many connections are waiting to send their request; closing the oldest"
             );
@@ -120,7 +126,19 @@ pub(super) async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let waiting: WaitingList = Arc::default();
+    let limit = waiting_limit();
+    if limit < MAX_WAITING {
+        info!(
+            "the descriptor limit lets at most {limit} connections wait for their request; \
+             raise it (LimitNOFILE=) for more"
+        );
+    }
+    let waiting: WaitingList = Arc::new(Mutex::new(Waiting {
+        limit,
+        conns: BTreeMap::new(),
+        shed: 0,
+        last_warning: None,
+    }));
     let large = Arc::new(Semaphore::new(LARGE_REQUESTS));
     let mut next_id: u64 = 0;
     loop {
@@ -134,13 +152,14 @@ pub(super) async fn accept_loop(
                     {
                         let mut w = lock(&waiting);
                         w.conns.insert(id, tx);
-                        while w.conns.len() > MAX_WAITING && w.shed_oldest() {}
+                        while w.conns.len() > w.limit && w.shed_oldest() {}
                     }
                     let slot = WaitingSlot { list: waiting.clone(), id };
                     // One span per connection, numbered, so its log lines can be told apart.
                     let span = info_span!("request", id);
                     tokio::spawn(
-                        connection(shared.clone(), stream, slot, shed, large.clone()).instrument(span),
+                        connection(shared.clone(), stream, slot, shed, large.clone(), limit)
+                            .instrument(span),
                     );
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -163,6 +182,23 @@ pub(super) async fn accept_loop(
     }
 }
 
+/// How many connections may wait for their request at once (see the module doc).
+fn waiting_limit() -> usize {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit only writes one `rlimit` into the struct passed, which outlives the
+    // call.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    if r != 0 || rl.rlim_cur == libc::RLIM_INFINITY {
+        return MAX_WAITING;
+    }
+    let room = rl.rlim_cur.saturating_sub(RESERVED_DESCRIPTORS) / 2;
+    MAX_WAITING.min(usize::try_from(room).unwrap_or(usize::MAX).max(1))
+}
+
 /// Why no request line was read.
 enum ReadError {
     Io(std::io::Error),
@@ -175,6 +211,7 @@ async fn connection(
     slot: WaitingSlot,
     mut shed: tokio::sync::oneshot::Receiver<()>,
     large: Arc<Semaphore>,
+    limit: usize,
 ) {
     let accepted = Instant::now();
     let read = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&stream, &large));
@@ -183,7 +220,7 @@ async fn connection(
         _ = &mut shed => {
             debug!("closing a connection that sent no request yet, to make room");
             refuse_now(&stream, &format!(
-                "closed by nixpush daemon: more than {MAX_WAITING} connections were waiting to \
+                "closed by nixpush daemon: more than {limit} connections were waiting to \
                  send a request and this was the oldest; send the request as soon as you connect"
             ));
             return;
