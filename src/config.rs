@@ -72,8 +72,8 @@ pub struct DaemonConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HookConfig {
-    /// How long the hook waits for the daemon's acknowledgement before writing the queue
-    /// entry itself, in milliseconds.
+    /// How long the hook waits for the daemon, in all (connect, send, acknowledgement), before
+    /// writing the queue entry itself, in milliseconds.
     #[serde(default = "defaults::hook_timeout_ms")]
     pub timeout_ms: u64,
     /// Exit non-zero (and so fail the build) when a request cannot be handed over at all.

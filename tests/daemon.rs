@@ -300,6 +300,7 @@ fn bad_requests_and_entries_are_refused_and_good_ones_still_land() {
         &["malformed request"],
     );
     expect_refused(&setup, b"not json at all\n", &["malformed request"]);
+    expect_refused(&setup, b"\n", &["malformed request"]);
     expect_refused(&setup, b"\xff\xfe\x00garbage\n", &["malformed request"]);
     expect_refused(&setup, b"{\"op\":\"frobnicate\"}\n", &["frobnicate"]);
     expect_refused(
@@ -505,6 +506,258 @@ fn bad_requests_and_entries_are_refused_and_good_ones_still_land() {
     );
     daemon.assert_running();
     setup.nix_substitutes(&good);
+}
+
+/// Whatever an entry's name or kind, if it can never succeed it is moved to rejected/ with a
+/// reason that says why, the log says so, and the daemon goes on: a name that is not UTF-8, a
+/// name too long for a `.reason` beside it, a name already taken in rejected/, a directory, a
+/// FIFO (never opened: that would block), a socket, a device node (as root).
+#[test]
+fn entries_of_any_name_or_kind_that_can_never_succeed_are_rejected_with_a_reason() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt as _;
+
+    let setup = Setup::new("");
+    fs::create_dir_all(setup.queue.join("rejected")).expect("queue dir");
+    let l = leaves("odd-entries", &["l1", "l2", "l3"]);
+    let old = Duration::from_secs(60);
+    let raw = |name: &OsString| setup.queue.join(name);
+    // (name in the queue, name expected in rejected/, words of the reason)
+    let mut bad: Vec<(OsString, OsString, Vec<String>)> = Vec::new();
+
+    let not_utf8 = OsString::from_vec(b"bad-\xff".to_vec());
+    fs::write(raw(&not_utf8), "/etc/passwd\n").expect("write");
+    bad.push((
+        not_utf8.clone(),
+        not_utf8.clone(),
+        vec!["name is not UTF-8".into(), "name entries in UTF-8".into()],
+    ));
+
+    // 255 bytes: as long as a name can be, so `<name>.reason` cannot exist.
+    let long = "x".repeat(255);
+    // Written in place (a dot-file of that name would be too long), before the daemon runs.
+    fs::write(setup.queue.join(&long), "/etc/passwd\n").expect("write");
+    age_file(&setup.queue.join(&long), old);
+    let mut short = "x".repeat(255 - ".reason".len() - 2);
+    short.push_str("~1");
+    bad.push((
+        long.clone().into(),
+        short.into(),
+        vec![
+            "\"/etc/passwd\" is not in the Nix store".into(),
+            format!("the entry was queued as {long}"),
+            "too long for a .reason file".into(),
+        ],
+    ));
+    // A long name that is a good request is published like any other.
+    let long_good = format!("{}-good", "y".repeat(250));
+    fs::write(setup.queue.join(&long_good), format!("{}\n", l[0])).expect("write");
+
+    // A name already taken in rejected/ (by an earlier entry of that name).
+    fs::write(setup.queue.join("rejected/dup"), "earlier\n").expect("write");
+    fs::write(setup.queue.join("rejected/dup.reason"), "earlier\n").expect("write");
+    write_entry_aged(&setup, "dup", b"not a path\n", old);
+    bad.push((
+        "dup".into(),
+        "dup~1".into(),
+        vec![
+            "\"not\" is not in the Nix store".into(),
+            "the entry was queued as dup".into(),
+            "name was taken in rejected/".into(),
+        ],
+    ));
+
+    let dir = OsString::from("a-directory");
+    fs::create_dir(raw(&dir)).expect("mkdir");
+    fs::write(raw(&dir).join("inside"), format!("{}\n", l[1])).expect("write");
+    bad.push((
+        dir.clone(),
+        dir,
+        vec!["the entry is a directory, not a regular file".into()],
+    ));
+
+    let fifo = OsString::from("a-fifo");
+    run_ok(Command::new("mkfifo").arg(raw(&fifo)));
+    bad.push((
+        fifo.clone(),
+        fifo,
+        vec!["the entry is a FIFO (named pipe), not a regular file".into()],
+    ));
+
+    let socket = OsString::from("a-socket");
+    let _listener = std::os::unix::net::UnixListener::bind(raw(&socket)).expect("bind");
+    bad.push((
+        socket.clone(),
+        socket,
+        vec!["the entry is a socket, not a regular file".into()],
+    ));
+
+    let root =
+        fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    if root {
+        // The same device as /dev/null: harmless even if it were opened (it is not).
+        let dev = OsString::from("a-device");
+        run_ok(Command::new("mknod").arg(raw(&dev)).args(["c", "1", "3"]));
+        bad.push((
+            dev.clone(),
+            dev,
+            vec!["the entry is a character device, not a regular file".into()],
+        ));
+    } else {
+        eprintln!("not root: no device node in the queue");
+    }
+
+    let mut daemon = setup.start();
+    let rejected_all = || {
+        bad.iter().all(|(_, r, _)| {
+            let mut reason = r.clone();
+            reason.push(".reason");
+            fs::symlink_metadata(setup.queue.join("rejected").join(r)).is_ok()
+                && setup.queue.join("rejected").join(&reason).is_file()
+        })
+    };
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "rejections; rejected/: {:?}; queue: {:?}\n--- log:\n{}",
+                setup.rejected(),
+                setup.queued(),
+                daemon.log_tail()
+            )
+        },
+        rejected_all,
+    );
+    for (name, moved, words) in &bad {
+        let mut reason_name = moved.clone();
+        reason_name.push(".reason");
+        let reason = fs::read_to_string(setup.queue.join("rejected").join(&reason_name))
+            .expect("reason file");
+        for w in words {
+            assert!(
+                reason.contains(w.as_str()),
+                "rejected/{}: {reason:?} should say {w:?}",
+                reason_name.to_string_lossy()
+            );
+        }
+        assert!(
+            fs::symlink_metadata(setup.queue.join(name)).is_err(),
+            "{} still queued",
+            name.to_string_lossy()
+        );
+    }
+    // The earlier rejection of that name is untouched.
+    assert_eq!(
+        fs::read_to_string(setup.queue.join("rejected/dup")).expect("dup"),
+        "earlier\n"
+    );
+    let log = fs::read_to_string(&setup.log).expect("log");
+    for needle in [
+        "rejecting queue entry",
+        r"bad-\xff",
+        "name is not UTF-8",
+        "a FIFO (named pipe)",
+    ] {
+        assert!(
+            log.contains(needle),
+            "the log should say {needle:?}:\n{log}"
+        );
+    }
+
+    // And it goes on: the long good name and a later request are published.
+    setup.enqueue(&l[2..3]);
+    setup.wait_published(&[l[0].clone(), l[2].clone()], &daemon);
+    daemon.assert_running();
+    let st = setup.status();
+    assert_eq!(status_u64(&st, "rejected"), bad.len() as u64, "{st}");
+    assert_eq!(status_u64(&st, "queue_depth"), 0, "{st}");
+    assert!(
+        !setup.published(&l[1..2]),
+        "a path named inside a directory entry was published"
+    );
+}
+
+/// The longest `retry_in=` the daemon's log shows (`will retry retry_in=8.1234s`).
+fn longest_retry_logged(log: &Path) -> Duration {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("will retry"))
+        .filter_map(|l| {
+            let v = l.split("retry_in=").nth(1)?.split_whitespace().next()?;
+            let (num, scale) = if let Some(ms) = v.strip_suffix("ms") {
+                (ms, 1e-3)
+            } else {
+                (v.strip_suffix('s')?, 1.0)
+            };
+            Some(Duration::from_secs_f64(num.parse::<f64>().ok()? * scale))
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+/// After an outage of the cache, the queue drains within moments of the cache answering
+/// again, however long the backoff of the failed passes had grown.
+#[test]
+fn the_queue_drains_soon_after_the_cache_answers_again_whatever_the_backoff() {
+    let setup = Setup::new("");
+    let text = setup
+        .config_text("")
+        .replace("retry-max-delay-secs = 2", "retry-max-delay-secs = 120");
+    assert!(text.contains("retry-max-delay-secs = 120"));
+    fs::write(&setup.config, text).expect("config");
+    let l = leaves("outage", &["l1"]);
+    let daemon = setup.start();
+    wait_until(
+        PATIENCE,
+        || format!("not ready\n--- log:\n{}", daemon.log_tail()),
+        || fs::read_to_string(&setup.log).is_ok_and(|t| t.contains("ready")),
+    );
+
+    // The outage: the cache directory is away, a file in its place.
+    let away = setup.dir.path().join("cache-away");
+    fs::rename(&setup.cache, &away).expect("move the cache away");
+    fs::write(&setup.cache, "not a directory\n").expect("block the cache");
+    setup.enqueue(&l);
+    // Until the backoff has grown well past the time allowed below.
+    const LONG_BACKOFF: Duration = Duration::from_secs(8);
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "no backoff of {LONG_BACKOFF:?} yet\n--- log:\n{}",
+                daemon.log_tail()
+            )
+        },
+        || longest_retry_logged(&setup.log) >= LONG_BACKOFF,
+    );
+    // (After the probe that follows the failure at once, as it does.)
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!setup.published(&l));
+    assert_eq!(setup.status()["retrying"], true);
+
+    // The cache is back: published within moments, not after the backoff.
+    fs::remove_file(&setup.cache).expect("unblock");
+    fs::rename(&away, &setup.cache).expect("bring the cache back");
+    let back = Instant::now();
+    setup.wait_published(&l, &daemon);
+    let took = back.elapsed();
+    eprintln!(
+        "published {took:?} after the cache came back (the backoff then: {:?})",
+        longest_retry_logged(&setup.log)
+    );
+    assert!(
+        took < Duration::from_secs(7),
+        "published {took:?} after the cache answered again\n--- log:\n{}",
+        daemon.log_tail()
+    );
+    let log = fs::read_to_string(&setup.log).expect("log");
+    assert!(
+        log.contains("the cache answers again; retrying now"),
+        "{}",
+        daemon.log_tail()
+    );
+    assert_eq!(setup.status()["retrying"], false);
+    check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// `nixpush daemon --config` with `text`: fails at once, saying all of `needles`, and never
@@ -850,7 +1103,10 @@ fn hook_reads_out_paths_or_drv_path_and_never_fails_the_build() {
     run_ok(Command::new("kill").args(["-CONT", &pid]));
     assert!(out.status.success(), "{}", out.report());
     assert!(
-        out.stderr.contains("queued as") && took < Duration::from_secs(3),
+        out.stderr
+            .contains("no answer from the daemon within 300 ms")
+            && out.stderr.contains("queued as")
+            && took < Duration::from_secs(3),
         "took {took:?}: {}",
         out.report()
     );

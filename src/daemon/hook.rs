@@ -5,14 +5,16 @@
 //! small, synchronous and quick: read `OUT_PATHS` (or, when Nix leaves it empty as 2.8.0 does,
 //! `DRV_PATH` as `<drv>^*`), hand the request to the daemon and wait for its acknowledgement
 //! that the request is durable. If the daemon is down or slow, write the queue entry directly
-//! (temporary file, then rename) and return. By default the hook never fails the build: if even
+//! (temporary file, then rename) and return. "Slow" is `hook.timeout-ms` for the whole
+//! exchange: the `connect` (which waits when the daemon's listen queue is full), sending the
+//! request and reading the answer. By default the hook never fails the build: if even
 //! that fails it says so on stderr and exits 0 (`hook.fail-build-on-error` changes this).
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::daemon::protocol::{Request, Response};
@@ -85,6 +87,14 @@ enum SendError {
         socket: std::path::PathBuf,
         error: std::io::Error,
     },
+    #[error(
+        "{}: the daemon did not take the connection within {} ms (its listen queue is full)",
+        socket.display(), timeout.as_millis()
+    )]
+    ConnectTimeout {
+        socket: std::path::PathBuf,
+        timeout: Duration,
+    },
     #[error("{0}")]
     Setup(std::io::Error),
     #[error("{0}")]
@@ -93,6 +103,8 @@ enum SendError {
     Send(std::io::Error),
     #[error("waiting for the daemon: {0}")]
     Receive(std::io::Error),
+    #[error("no answer from the daemon within {} ms", .0.as_millis())]
+    Timeout(Duration),
     #[error("the daemon refused: {0}")]
     Refused(String),
     #[error("unexpected answer")]
@@ -101,30 +113,90 @@ enum SendError {
     Unreadable(serde_json::Error),
 }
 
-/// Hand `items` to the daemon; `Err` says why not.
+/// Hand `items` to the daemon within `timeout` in all (connect, send, answer); `Err` says
+/// why not.
 fn send(socket: &Path, items: &[String], timeout: Duration) -> Result<(), SendError> {
-    let mut stream = UnixStream::connect(socket).map_err(|error| SendError::Connect {
-        socket: socket.to_owned(),
-        error,
-    })?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(SendError::Setup)?;
+    let deadline = Instant::now() + timeout;
+    // Before the timeout runs out; none left is a timeout of the step at hand.
+    let left = |timed_out: SendError| {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(timed_out)
+    };
+    let mut stream = connect(socket, timeout)?;
     let mut msg = serde_json::to_vec(&Request::Enqueue {
         items: items.to_vec(),
     })
     .map_err(SendError::Encode)?;
     msg.push(b'\n');
-    stream.write_all(&msg).map_err(SendError::Send)?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .map_err(SendError::Receive)?;
-    match serde_json::from_str::<Response>(&line) {
+    stream
+        .set_write_timeout(Some(left(SendError::Timeout(timeout))?))
+        .map_err(SendError::Setup)?;
+    stream.write_all(&msg).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            SendError::Timeout(timeout)
+        }
+        _ => SendError::Send(e),
+    })?;
+    // The answer is one short line; read it with what is left of the timeout.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.contains(&b'\n') {
+        stream
+            .set_read_timeout(Some(left(SendError::Timeout(timeout))?))
+            .map_err(SendError::Setup)?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(SendError::Timeout(timeout));
+            }
+            Err(e) => return Err(SendError::Receive(e)),
+        }
+    }
+    match serde_json::from_slice::<Response>(&answer) {
         Ok(Response::Queued { .. }) => Ok(()),
         Ok(Response::Error { message }) => Err(SendError::Refused(message)),
         Ok(_) => Err(SendError::Unexpected),
         Err(e) => Err(SendError::Unreadable(e)),
+    }
+}
+
+/// Connect to `socket`, waiting at most `timeout` for the daemon to take the connection.
+///
+/// A Unix socket's `connect` does not wait for an `accept`, only for room in the listener's
+/// queue; when that is full it blocks until room is made. On Linux that wait is bounded by the
+/// socket's send timeout (`SO_SNDTIMEO`), and ends in `EAGAIN`, so a blocking socket with that
+/// timeout set is a connect with a deadline, without a thread or a poll loop.
+fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, SendError> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
+    let io = |error: std::io::Error| SendError::Connect {
+        socket: socket.to_owned(),
+        error,
+    };
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| io(e.into()))?;
+    sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(timeout))
+        .map_err(|e| SendError::Setup(e.into()))?;
+    let addr = SocketAddrUnix::new(socket).map_err(|e| io(e.into()))?;
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) => Ok(UnixStream::from(fd)),
+        Err(rustix::io::Errno::AGAIN) => Err(SendError::ConnectTimeout {
+            socket: socket.to_owned(),
+            timeout,
+        }),
+        Err(e) => Err(io(e.into())),
     }
 }

@@ -35,7 +35,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
@@ -167,7 +167,11 @@ pub async fn run(
 }
 
 async fn announce_ready(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut delay = Backoff::new(shared.settings.retry_max_delay);
+    // Each attempt is one small read, so they come every PROBE_INTERVAL: READY=1 follows within
+    // moments of the cache answering, however long it was away. The log and `status` hear of
+    // it on a growing backoff's schedule instead, so a long outage does not flood them.
+    let mut warnings = Backoff::new(shared.settings.retry_max_delay);
+    let mut next_warning = Instant::now();
     loop {
         match shared.pusher.ensure_cache_info().await {
             Ok(()) => {
@@ -176,11 +180,15 @@ async fn announce_ready(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 return;
             }
             Err(e) => {
-                let d = delay.next();
-                warn!(error = %e, retry_in = ?d, "cache not reachable yet");
-                shared.record_error(format!("cache check: {e}"));
+                if Instant::now() >= next_warning {
+                    next_warning = Instant::now() + warnings.next();
+                    warn!(error = %e, retry_in = ?worker::PROBE_INTERVAL, "cache not reachable yet");
+                    shared.record_error(format!("cache check: {e}"));
+                } else {
+                    debug!(error = %e, "cache not reachable yet");
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
+                    _ = tokio::time::sleep(worker::PROBE_INTERVAL) => {}
                     _ = stop.changed() => return,
                 }
             }

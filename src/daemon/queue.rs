@@ -17,13 +17,21 @@
 //! [`Queue::enqueue`] does; a file that does not parse yet and is younger than
 //! [`SETTLE_TIME`] is left for a later scan rather than rejected.
 //!
-//! Entries that can never succeed (unparsable, a path outside the store, a path that is not
-//! valid) are moved to `rejected/` inside the queue directory, with a `<name>.reason` file
-//! beside them.
+//! Entries that can never succeed are moved to `rejected/` inside the queue directory, with a
+//! `<name>.reason` file beside them: whatever is not a regular file (a symlink, a directory, a
+//! FIFO, a device node, a socket; never opened, so a FIFO cannot block the daemon and a
+//! device is not touched), an entry whose name is not UTF-8, one that is too large, not text
+//! or does not parse, or that names a path outside the store or not valid in it. A name too
+//! long to take `.reason` (file names are at most [`NAME_MAX`] bytes), or one already taken in
+//! `rejected/`, is shortened or numbered there, and the reason says what it was.
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read as _, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::os::unix::fs::{
+    FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -33,6 +41,9 @@ use crate::formats::{StoreDir, StorePath};
 
 pub const MAX_ENTRY_BYTES: u64 = 1 << 20;
 pub const REJECTED_DIR: &str = "rejected";
+/// The longest file name Linux's filesystems take, in bytes.
+pub const NAME_MAX: usize = 255;
+const REASON_SUFFIX: &str = ".reason";
 /// How long a hand-written entry may take to be complete.
 pub const SETTLE_TIME: Duration = Duration::from_secs(5);
 
@@ -108,10 +119,28 @@ pub struct Queue {
     dir: PathBuf,
 }
 
-/// An entry found by a scan.
+/// An entry found by a scan. Its name is whatever the directory holds, UTF-8 or not, so that
+/// any entry can be rejected by it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    pub name: String,
+    pub name: OsString,
+}
+
+impl Entry {
+    pub fn new(name: impl Into<OsString>) -> Self {
+        Self { name: name.into() }
+    }
+}
+
+/// The name, for people: as it is if it is UTF-8 without control characters, else with those
+/// bytes escaped (`bad-\xff`).
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.name.to_str() {
+            Some(n) if !n.chars().any(char::is_control) => f.write_str(n),
+            _ => write!(f, "{}", self.name.as_bytes().escape_ascii()),
+        }
+    }
 }
 
 /// What reading an entry gave.
@@ -134,8 +163,13 @@ pub enum InvalidEntry {
     Inspect(io::Error),
     #[error("the entry is a symlink; entries must be regular files")]
     Symlink,
-    #[error("the entry is not a regular file")]
-    NotAFile,
+    #[error("the entry is {0}, not a regular file; entries must be regular files")]
+    NotAFile(&'static str),
+    #[error(
+        "the entry's name is not UTF-8; name entries in UTF-8 (the daemon and the hook use \
+         <nanoseconds>-<pid>-<counter>)"
+    )]
+    NameNotUtf8,
     #[error("the entry is {0} bytes, more than the limit of {MAX_ENTRY_BYTES}")]
     TooLarge(u64),
     #[error("the entry is not UTF-8 text")]
@@ -207,11 +241,10 @@ impl Queue {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.dir)? {
             let e = e?;
-            let Ok(name) = e.file_name().into_string() else {
-                // Not UTF-8: cannot be one of ours, and can still be rejected by its raw name.
-                continue;
-            };
-            if name.starts_with('.') || name == REJECTED_DIR {
+            let name = e.file_name();
+            // Not UTF-8 is not one of ours, yet still an entry: `read` rejects it by its raw
+            // name, rather than leaving it unseen forever.
+            if name.as_bytes().starts_with(b".") || name == REJECTED_DIR {
                 continue;
             }
             out.push(Entry { name });
@@ -227,11 +260,11 @@ impl Queue {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
             Err(e) => return Read::Invalid(InvalidEntry::Inspect(e)),
         };
-        if meta.file_type().is_symlink() {
-            return Read::Invalid(InvalidEntry::Symlink);
+        if let Some(why) = not_a_file(&meta) {
+            return Read::Invalid(why);
         }
-        if !meta.is_file() {
-            return Read::Invalid(InvalidEntry::NotAFile);
+        if entry.name.to_str().is_none() {
+            return Read::Invalid(InvalidEntry::NameNotUtf8);
         }
         if meta.len() > MAX_ENTRY_BYTES {
             return Read::Invalid(InvalidEntry::TooLarge(meta.len()));
@@ -242,12 +275,27 @@ impl Queue {
             .and_then(|m| m.elapsed().ok())
             .is_none_or(|age| age < SETTLE_TIME);
         let mut text = String::new();
-        let read = fs::OpenOptions::new()
+        // Opened without blocking and checked again once open: if the regular file seen above
+        // was replaced meanwhile by a FIFO, opening one must not hang the daemon, nor reading
+        // one wait for a writer.
+        let opened = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .and_then(|f| f.take(MAX_ENTRY_BYTES + 1).read_to_string(&mut text));
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path);
+        let read = opened.and_then(|f| {
+            let now = f.metadata()?;
+            if now.dev() != meta.dev() || now.ino() != meta.ino() || !now.is_file() {
+                return Err(io::Error::from(io::ErrorKind::NotFound));
+            }
+            f.take(MAX_ENTRY_BYTES + 1).read_to_string(&mut text)
+        });
         match read {
+            // Replaced by something else meanwhile: the next scan looks at that.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(&path).is_ok() =>
+            {
+                return Read::NotReady;
+            }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Read::Gone,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -281,20 +329,31 @@ impl Queue {
         Ok(())
     }
 
-    /// Move an entry that can never succeed to `rejected/`, with the reason beside it.
-    pub fn reject(&self, entry: &Entry, reason: &str) -> io::Result<()> {
+    /// Move an entry that can never succeed to `rejected/`, with the reason beside it; the
+    /// name it has there (see [`rejected_name`]).
+    pub fn reject(&self, entry: &Entry, reason: &str) -> io::Result<OsString> {
         let rejected = self.dir.join(REJECTED_DIR);
         fs::create_dir_all(&rejected)?;
-        fs::write(
-            rejected.join(format!("{}.reason", entry.name)),
-            format!("{reason}\n"),
-        )?;
-        match fs::rename(self.dir.join(&entry.name), rejected.join(&entry.name)) {
+        let name = rejected_name(&entry.name, |n| {
+            fs::symlink_metadata(rejected.join(n)).is_ok()
+                || fs::symlink_metadata(rejected.join(with_reason_suffix(n))).is_ok()
+        });
+        let mut text = reason.to_owned();
+        if name != entry.name {
+            text.push_str(&format!(
+                "\n(the entry was queued as {entry}; its name was taken in rejected/ or too long \
+                 for a .reason file beside it)"
+            ));
+        }
+        text.push('\n');
+        fs::write(rejected.join(with_reason_suffix(&name)), text)?;
+        match fs::rename(self.dir.join(&entry.name), rejected.join(&name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        Ok(name)
     }
 
     /// Leftover temporary files from writers that crashed, older than `age`.
@@ -318,6 +377,56 @@ impl Queue {
             }
         }
     }
+}
+
+/// What a rejected entry is, if it is not a regular file: things that are never opened.
+fn not_a_file(meta: &fs::Metadata) -> Option<InvalidEntry> {
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        return None;
+    } else if t.is_symlink() {
+        return Some(InvalidEntry::Symlink);
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown kind"
+    };
+    Some(InvalidEntry::NotAFile(what))
+}
+
+fn with_reason_suffix(name: &OsStr) -> OsString {
+    let mut n = name.to_owned();
+    n.push(REASON_SUFFIX);
+    n
+}
+
+/// The name a rejected entry gets in `rejected/`: its own, if `<name>.reason` fits in a file
+/// name and neither is `taken`; otherwise its first bytes (cut to leave room) with `~1`, `~2`,
+/// … appended until both are free.
+fn rejected_name(name: &OsStr, taken: impl Fn(&OsStr) -> bool) -> OsString {
+    let fits = name.len() + REASON_SUFFIX.len() <= NAME_MAX;
+    if fits && !taken(name) {
+        return name.to_owned();
+    }
+    for n in 1u64.. {
+        let suffix = format!("~{n}");
+        let room = NAME_MAX - REASON_SUFFIX.len() - suffix.len();
+        let mut stem = name.as_bytes()[..name.len().min(room)].to_vec();
+        stem.extend_from_slice(suffix.as_bytes());
+        let candidate = OsString::from_vec(stem);
+        if !taken(&candidate) {
+            return candidate;
+        }
+    }
+    unreachable!("some number is free")
 }
 
 /// Write the entry `name` in `dir` so that it appears whole or not at all, and is durable when
@@ -448,21 +557,34 @@ mod tests {
     }
 
     #[test]
+    fn rejected_names_fit_beside_their_reason_and_never_replace_one() {
+        let free = |_: &OsStr| false;
+        assert_eq!(rejected_name(OsStr::new("a"), free), "a");
+        let long = "x".repeat(NAME_MAX);
+        let n = rejected_name(OsStr::new(&long), free);
+        assert_eq!(n.len() + REASON_SUFFIX.len(), NAME_MAX);
+        assert!(n.to_str().unwrap().ends_with("~1"));
+        let taken = |n: &OsStr| n == "a" || n == "a~1";
+        assert_eq!(rejected_name(OsStr::new("a"), taken), "a~2");
+        let raw = OsString::from_vec(b"bad-\xff".to_vec());
+        assert_eq!(Entry::new(raw).to_string(), "bad-\\xff");
+        assert_eq!(Entry::new("new\nline").to_string(), "new\\nline");
+    }
+
+    #[test]
     fn enqueue_scan_read_remove_reject() {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(dir.path()).unwrap();
         let items = vec![Item::Path(sd().parse(P).unwrap())];
         let name = q.enqueue(&sd(), &items).unwrap();
         let entries = q.scan().unwrap();
-        assert_eq!(entries, vec![Entry { name: name.clone() }]);
+        assert_eq!(entries, vec![Entry::new(&name)]);
         assert!(matches!(q.read(&sd(), &entries[0]), Read::Items(i) if i == items));
         q.remove(&entries[0]).unwrap();
         assert!(q.scan().unwrap().is_empty());
 
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
-        let e = Entry {
-            name: "link".into(),
-        };
+        let e = Entry::new("link");
         let Read::Invalid(why) = q.read(&sd(), &e) else {
             panic!()
         };

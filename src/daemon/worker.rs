@@ -1,10 +1,26 @@
 //! The worker: passes over the queue directory, each a batch of entries resolved through the
 //! one plan and pushed in one go; settling entries (remove, reject with a reason, or retry
 //! with capped, jittered exponential backoff); its own runtime at a lower priority.
+//!
+//! # Coming back after an outage
+//! The backoff grows to `retry-max-delay-secs` (5 minutes by default), which is right while
+//! the cache is down but would leave the queue waiting for minutes once it is back. So a
+//! failed pass is followed at once by a probe of the cache (its `nix-cache-info`: one small
+//! read, [`PROBE_TIMEOUT`] at most). If it answers, the failure was not the cache's (the store,
+//! one path), and the whole backoff is waited out, as before. If not, the backoff is waited
+//! out in steps of [`PROBE_INTERVAL`], each followed by another probe, and ends as soon as one
+//! answers: the pass runs again within [`PROBE_INTERVAL`] and a probe of the cache coming
+//! back.
 
 use super::*;
 
 pub(super) const RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
+
+/// While waiting out a backoff, how often the cache is asked whether it answers again.
+pub(super) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long a probe may take before it counts as no answer.
+pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a nudged worker waits for more requests before it starts a pass.
 pub(super) const GATHER_DELAY: Duration = Duration::from_millis(500);
@@ -135,13 +151,18 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
                 shared.status().retrying = true;
                 let d = backoff.next();
                 info!(retry_in = ?d, "will retry");
-                d
+                // A failing cache is given its backoff (new work does not cut it short), unless
+                // it answers again meanwhile.
+                if !wait_out_backoff(&shared, d, &mut stop).await {
+                    return;
+                }
+                continue;
             }
         };
         let nudged = tokio::select! {
             _ = tokio::time::sleep(wait) => false,
-            // New work while idle starts soon; a failing cache is still given its backoff.
-            _ = shared.nudge.notified(), if outcome != Pass::RetryLater => true,
+            // New work while idle starts soon.
+            _ = shared.nudge.notified() => true,
             _ = stop.changed() => return,
         };
         if nudged {
@@ -153,6 +174,66 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
                 _ = stop.changed() => return,
             }
         }
+    }
+}
+
+/// Wait out `delay` after a failed pass, probing the cache at once and then every
+/// [`PROBE_INTERVAL`]; end early once it answers after it did not (see the module doc). False
+/// if told to stop.
+async fn wait_out_backoff(
+    shared: &Arc<Shared>,
+    delay: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let until = tokio::time::Instant::now() + delay;
+    let Some(answered) = probe(shared, stop).await else {
+        return false;
+    };
+    if answered {
+        // The cache was not what failed: the whole backoff, no more probes.
+        return tokio::select! {
+            _ = tokio::time::sleep_until(until) => true,
+            _ = stop.changed() => false,
+        };
+    }
+    loop {
+        let step = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(PROBE_INTERVAL);
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = stop.changed() => return false,
+        }
+        if tokio::time::Instant::now() >= until {
+            return true;
+        }
+        match probe(shared, stop).await {
+            None => return false,
+            Some(true) => {
+                info!("the cache answers again; retrying now");
+                return true;
+            }
+            Some(false) => {}
+        }
+    }
+}
+
+/// Whether the cache answers (its `nix-cache-info` within [`PROBE_TIMEOUT`]); `None` if told
+/// to stop meanwhile.
+async fn probe(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Option<bool> {
+    tokio::select! {
+        r = tokio::time::timeout(PROBE_TIMEOUT, shared.pusher.ensure_cache_info()) => Some(match r {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                debug!(error = %e, "the cache does not answer yet");
+                false
+            }
+            Err(_) => {
+                debug!(timeout = ?PROBE_TIMEOUT, "the cache does not answer yet");
+                false
+            }
+        }),
+        _ = stop.changed() => None,
     }
 }
 
@@ -250,7 +331,7 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
     }
     let mut any_retry = false;
     for r in &ready {
-        let span = info_span!("entry", name = %r.entry.name);
+        let span = info_span!("entry", name = %r.entry);
         let result = async {
             let roots = resolve(&shared, &r.items).await?;
             push(&shared, &roots).await
@@ -313,7 +394,7 @@ pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Fai
     };
     let message = f.message(shared.store().store_dir());
     if f.is_transient() {
-        warn!(entry = %entry.name, error = %message, "publishing failed; will retry");
+        warn!(entry = %entry, error = %message, "publishing failed; will retry");
         shared.record_error(message);
         Pass::RetryLater
     } else {
@@ -325,18 +406,18 @@ pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Fai
 pub(super) fn finish(shared: &Arc<Shared>, entry: &Entry) {
     if let Err(e) = shared.queue.remove(entry) {
         // The entry stays and is pushed again later: harmless, everything is present then.
-        warn!(entry = %entry.name, error = %e, "cannot remove a finished queue entry");
+        warn!(entry = %entry, error = %e, "cannot remove a finished queue entry");
     } else {
-        debug!(entry = %entry.name, "entry done");
+        debug!(entry = %entry, "entry done");
     }
 }
 
 pub(super) fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
-    error!(entry = %entry.name, %reason, "rejecting queue entry");
+    error!(entry = %entry, %reason, "rejecting queue entry");
     shared.status().rejected += 1;
-    shared.record_error(format!("rejected {}: {reason}", entry.name));
+    shared.record_error(format!("rejected {entry}: {reason}"));
     if let Err(e) = shared.queue.reject(entry, reason) {
-        error!(entry = %entry.name, error = %e, "cannot move the entry to rejected/");
+        error!(entry = %entry, error = %e, "cannot move the entry to rejected/");
     }
 }
 
