@@ -427,18 +427,7 @@ fn bad_requests_and_entries_are_refused_and_good_ones_still_land() {
         bad.iter()
             .all(|(n, _)| r.contains(&n.to_string()) && r.contains(&format!("{n}.reason")))
     };
-    wait_until(
-        PATIENCE,
-        || {
-            format!(
-                "rejections; rejected/: {:?}; queue: {:?}\n--- log:\n{}",
-                setup.rejected(),
-                setup.queued(),
-                daemon.log_tail()
-            )
-        },
-        rejected_all,
-    );
+    wait_until(PATIENCE, || rejections(&setup, &daemon), rejected_all);
     // A file that does not parse yet is given time: its writer may still be at it.
     if young_written.elapsed() < Duration::from_secs(4) {
         assert!(
@@ -616,18 +605,7 @@ fn entries_of_any_name_or_kind_that_can_never_succeed_are_rejected_with_a_reason
                 && setup.queue.join("rejected").join(&reason).is_file()
         })
     };
-    wait_until(
-        PATIENCE,
-        || {
-            format!(
-                "rejections; rejected/: {:?}; queue: {:?}\n--- log:\n{}",
-                setup.rejected(),
-                setup.queued(),
-                daemon.log_tail()
-            )
-        },
-        rejected_all,
-    );
+    wait_until(PATIENCE, || rejections(&setup, &daemon), rejected_all);
     for (name, moved, words) in &bad {
         let mut reason_name = moved.clone();
         reason_name.push(".reason");
@@ -1204,4 +1182,14 @@ fn worker_threads_run_below_the_request_handlers() {
         "request handler threads must keep the daemon's priority: {all:?}"
     );
     daemon.terminate(Duration::from_secs(20));
+}
+
+/// What a wait for rejections reports when it times out.
+fn rejections(setup: &Setup, daemon: &Daemon) -> String {
+    format!(
+        "rejections; rejected/: {:?}; queue: {:?}\n--- log:\n{}",
+        setup.rejected(),
+        setup.queued(),
+        daemon.log_tail()
+    )
 }

@@ -31,6 +31,9 @@ pub(super) const BATCH_OBJECTS: usize = 256;
 pub(super) const BATCH_BYTES: u64 = 64 << 20;
 /// NARs larger than this are put on their own.
 pub(super) const BATCH_OBJECT_MAX: u64 = 16 << 20;
+/// Staged NARs waiting for a batch, in MiB (each counted rounded up): as many small NARs as a
+/// batch takes, and a bound on the staging area's size however slow the flushes.
+pub(super) const STAGED_MIB_MAX: usize = BATCH_OBJECTS;
 
 struct Job {
     put: Put,

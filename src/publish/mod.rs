@@ -395,18 +395,14 @@ impl Pusher {
             .backend
             .durable_in_batches()
             .then(|| batch::Batcher::start(self.backend.clone()));
-        // Where objects wait for a batch, as many of them wait as a batch holds.
-        let uploads = match batcher {
-            Some(_) => batch::BATCH_OBJECTS,
-            None => self.opts.jobs.max(1) * UPLOADS_PER_JOB,
-        };
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
             backend: self.backend.clone(),
             batcher,
             opts: self.opts.clone(),
             contexts: Default::default(),
-            uploads: Semaphore::new(uploads),
+            uploads: Semaphore::new(self.opts.jobs.max(1) * UPLOADS_PER_JOB),
+            batched: Semaphore::new(batch::STAGED_MIB_MAX),
             events,
         });
         // Futures are built references-first, so every dependency's future exists already.

@@ -15,6 +15,9 @@ pub(super) struct Ctx {
     pub(super) contexts: Arc<pipeline::Contexts>,
     /// Uploads in flight at once ([`UPLOADS_PER_JOB`] per compression slot).
     pub(super) uploads: Semaphore,
+    /// Staged NARs waiting for a batch, in MiB (rounded up): up to
+    /// [`batch::STAGED_MIB_MAX`], so that as many small NARs wait as batches take.
+    pub(super) batched: Semaphore,
     pub(super) events: EventSink,
 }
 
@@ -71,11 +74,18 @@ pub(super) async fn publish_one(
         // rename) waits on I/O, and holding the slot through it left a core idle for every
         // path. Taking an upload permit before letting the slot go bounds the staged files
         // waiting for one when the cache is slower than compression.
-        let _upload = ctx
-            .uploads
-            .acquire()
-            .await
-            .map_err(|e| PathError::Internal(e.to_string()))?;
+        let batcher = ctx
+            .batcher
+            .as_ref()
+            .filter(|_| staged.file_size <= batch::BATCH_OBJECT_MAX);
+        let _upload = match batcher {
+            Some(_) => {
+                let mib = u32::try_from(staged.file_size.div_ceil(1 << 20).max(1)).unwrap_or(1);
+                ctx.batched.acquire_many(mib).await
+            }
+            None => ctx.uploads.acquire().await,
+        }
+        .map_err(|e| PathError::Internal(e.to_string()))?;
         drop(slot);
         debug!(key, file_size = staged.file_size, "uploading NAR");
         let put = Put {
@@ -86,11 +96,9 @@ pub(super) async fn publish_one(
                 content_type: "application/x-nix-nar",
             },
         };
-        match &ctx.batcher {
-            Some(b) if staged.file_size <= batch::BATCH_OBJECT_MAX => {
-                b.put(put, staged.file_size).await?;
-            }
-            _ => ctx.backend.put(&put.key, put.body, put.opts).await?,
+        match batcher {
+            Some(b) => b.put(put, staged.file_size).await?,
+            None => ctx.backend.put(&put.key, put.body, put.opts).await?,
         }
         (key, meta)
     };
