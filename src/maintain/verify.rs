@@ -1,0 +1,729 @@
+//! `nixpush verify`: check a cache against the rules of [`super`] ("what whole means"), one
+//! problem per finding, each naming the object and what is wrong with it.
+//!
+//! The order of work: the inventory (one listing), `nix-cache-info`, every narinfo
+//! ([`NARINFO_CONCURRENCY`] at once: parse, name, store directory, signatures, its NAR in the
+//! inventory and its size where known), then the references of all of them against the
+//! inventory, then with `deep` every NAR that exists (`jobs` at once, see [`super::deep`]),
+//! then orphans and temporary files. What the narinfos said is kept in [`Report::entries`] for
+//! [`super::repair`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt as _;
+use nixpush_backends::{Backend, BackendExt as _, ErrorKind};
+use serde::Serialize;
+
+use super::NARINFO_CONCURRENCY;
+use super::deep;
+use super::inventory::{self, Inventory};
+use crate::formats::cache_info::{self, CacheInfo};
+use crate::formats::signing::{self, PublicKey};
+use crate::formats::{Compression, NarInfo, StoreDir, StorePath};
+
+/// The largest narinfo or nix-cache-info read (Nix's own are a few hundred bytes).
+const SMALL_OBJECT_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// The store directory clients of the cache use (`/nix/store`).
+    pub store_dir: StoreDir,
+    /// Keys a narinfo must be signed by (one of them). Empty: signatures are not checked.
+    pub trusted: Vec<PublicKey>,
+    /// Also read every NAR: FileHash, decompression, NarHash and NarSize.
+    pub deep: bool,
+    /// NARs read at once with `deep`.
+    pub jobs: usize,
+}
+
+/// A way in which the cache is not whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The object at fault: a narinfo's key, `nix-cache-info`, or a NAR's key.
+    pub object: String,
+    /// The store path the object is for, where known.
+    pub path: Option<String>,
+    #[serde(flatten)]
+    pub kind: ProblemKind,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            Some(p) => write!(f, "{} ({p}): {}", self.object, self.kind),
+            None => write!(f, "{}: {}", self.object, self.kind),
+        }
+    }
+}
+
+/// What is wrong; the words are for people (the object is named by [`Problem`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProblemKind {
+    #[error("missing: Nix will not use a cache without it (--repair writes it)")]
+    CacheInfoMissing,
+    #[error("cannot be parsed: {message}")]
+    CacheInfoUnparsable { message: String },
+    #[error("is for the store {theirs}, but this store is {ours}: Nix refuses the cache")]
+    StoreDirMismatch { theirs: String, ours: String },
+    #[error("cannot be parsed: {message}")]
+    Unparsable { message: String },
+    #[error("is not a path in the store {store_dir}: {message}")]
+    NotInStore { store_dir: String, message: String },
+    #[error("is filed under the wrong name: its narinfo would be {expected}")]
+    WrongName { expected: String },
+    #[error("its NAR {nar} is missing")]
+    NarMissing { nar: String },
+    #[error(
+        "its NAR {nar} is {actual} bytes, but FileSize says {expected} (truncated or replaced)"
+    )]
+    FileSize {
+        nar: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("its NAR {nar} hashes to {actual}, but FileHash says {expected}: the file is damaged")]
+    FileHash {
+        nar: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("its NAR {nar} cannot be decompressed as {compression}: {message}")]
+    Decompress {
+        nar: String,
+        compression: String,
+        message: String,
+    },
+    #[error(
+        "its NAR {nar} holds an archive of {actual_size} bytes with hash {actual}, \
+         but NarHash and NarSize say {expected} and {expected_size} bytes"
+    )]
+    NarHash {
+        nar: String,
+        expected: String,
+        expected_size: u64,
+        actual: String,
+        actual_size: u64,
+    },
+    #[error("refers to {reference}, which has no narinfo, so its closure cannot be substituted")]
+    ReferenceMissing { reference: String },
+    #[error("refers to {reference:?}, which is not a store path")]
+    BadReference { reference: String },
+    #[error(
+        "has no signature by a trusted key (trusted: {trusted}; signed by: {signed_by}), \
+         so Nix with require-sigs refuses it"
+    )]
+    Unsigned { trusted: String, signed_by: String },
+    #[error(
+        "its signature by {key} does not verify: the narinfo was changed after it was signed, \
+         or it was signed by another key of that name"
+    )]
+    BadSignature { key: String },
+    #[error("could not be checked: {message}")]
+    Unreadable { message: String },
+}
+
+/// Something worth knowing that does not make the cache broken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Note {
+    /// A NAR no narinfo names.
+    Orphan { object: String, size: Option<u64> },
+    /// A temporary file left by a writer that was killed.
+    StaleTemp {
+        object: String,
+        age_secs: u64,
+        size: u64,
+    },
+    /// A NAR `deep` could not look into.
+    Unchecked { object: String, why: String },
+    /// Signatures were not checked.
+    NoTrustedKey,
+}
+
+impl std::fmt::Display for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Note::Orphan { object, size } => {
+                write!(f, "{object}: no narinfo names this NAR (an orphan")?;
+                if let Some(s) = size {
+                    write!(f, ", {}", indicatif::HumanBytes(*s))?;
+                }
+                write!(f, "); Nix never reads it, it can be deleted")
+            }
+            Note::StaleTemp {
+                object,
+                age_secs,
+                size,
+            } => write!(
+                f,
+                "{object}: stale temporary file ({}, unchanged for {}), left by a writer that \
+                 was killed; it can be deleted",
+                indicatif::HumanBytes(*size),
+                indicatif::HumanDuration(std::time::Duration::from_secs(*age_secs))
+            ),
+            Note::Unchecked { object, why } => write!(f, "{object}: not checked: {why}"),
+            Note::NoTrustedKey => write!(
+                f,
+                "signatures not checked: no trusted key (give --trusted-key NAME:KEY or --key-file)"
+            ),
+        }
+    }
+}
+
+/// What verify learned about one narinfo, for [`super::repair`].
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The narinfo's key.
+    pub key: String,
+    /// The path it is for, where it says (even an unparsable one may).
+    pub path: Option<StorePath>,
+    /// Its references, without itself, where it parsed.
+    pub references: Vec<StorePath>,
+    pub state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Passed every check that concerns it alone (its references may still be missing).
+    Sound,
+    /// Failed one: it must be re-published or removed.
+    Broken,
+    /// Could not be read (the store failed): neither sound nor known broken.
+    Unchecked,
+}
+
+/// What verify found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub cache: String,
+    pub deep: bool,
+    pub narinfos: usize,
+    /// NARs read with `deep`.
+    pub nars_read: usize,
+    /// Compressed bytes read with `deep`.
+    pub bytes_read: u64,
+    pub signatures_checked: bool,
+    pub problems: Vec<Problem>,
+    pub notes: Vec<Note>,
+    pub secs: f64,
+    /// Every narinfo, by key.
+    #[serde(skip)]
+    pub entries: BTreeMap<String, Entry>,
+    /// Paths that narinfos refer to and that have no narinfo, by key.
+    #[serde(skip)]
+    pub missing: BTreeMap<String, StorePath>,
+}
+
+impl Report {
+    /// Every narinfo can be substituted, and every check could be made.
+    pub fn whole(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Progress, for displays.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The inventory is taken: this many narinfos to read.
+    Listed {
+        narinfos: usize,
+    },
+    NarinfoChecked,
+    /// `deep` starts: this many NARs, this many bytes (as FileSize says).
+    Reading {
+        nars: usize,
+        bytes: u64,
+    },
+    NarRead {
+        bytes: u64,
+    },
+    Problem(Problem),
+    Note(Note),
+}
+
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Check the cache in `backend` (`dir`: its directory, where it is local; see
+/// [`inventory::local_dir`]). Only a failure to list the cache is an error; everything else is
+/// in the report.
+pub async fn verify(
+    backend: &dyn Backend,
+    dir: Option<&std::path::Path>,
+    opts: &VerifyOptions,
+    events: EventSink,
+) -> Result<Report, nixpush_backends::BackendError> {
+    let started = Instant::now();
+    let inv = inventory::take(backend, dir).await?;
+    let mut r = Report {
+        cache: backend.describe(),
+        deep: opts.deep,
+        narinfos: inv.narinfos.len(),
+        signatures_checked: !opts.trusted.is_empty(),
+        ..Report::default()
+    };
+    let problem = |r: &mut Report, p: Problem| {
+        events(&Event::Problem(p.clone()));
+        r.problems.push(p);
+    };
+    let note = |r: &mut Report, n: Note| {
+        events(&Event::Note(n.clone()));
+        r.notes.push(n);
+    };
+    events(&Event::Listed {
+        narinfos: inv.narinfos.len(),
+    });
+    if opts.trusted.is_empty() {
+        note(&mut r, Note::NoTrustedKey);
+    }
+
+    if let Some(p) = check_cache_info(backend, &inv, &opts.store_dir).await {
+        problem(&mut r, p);
+    }
+
+    // Every narinfo on its own.
+    let reads: Vec<_> = inv
+        .narinfos
+        .iter()
+        .map(|key| async move { (key, backend.get_bytes(key, SMALL_OBJECT_LIMIT).await) })
+        .collect();
+    let mut reads = futures::stream::iter(reads).buffer_unordered(NARINFO_CONCURRENCY);
+    // Each sound narinfo's NAR and what it should be, for `deep`.
+    let mut to_read: Vec<ToRead> = Vec::new();
+    let mut named_nars: HashSet<String> = HashSet::new();
+    while let Some((key, read)) = reads.next().await {
+        let checked = match read {
+            Ok(bytes) => check_narinfo(key, &bytes, &inv, opts),
+            Err(e) => Checked {
+                entry: Entry {
+                    key: key.clone(),
+                    path: None,
+                    references: Vec::new(),
+                    state: if e.kind == ErrorKind::NotFound {
+                        // Removed since the listing: not there, so not broken.
+                        State::Sound
+                    } else {
+                        State::Unchecked
+                    },
+                },
+                problems: if e.kind == ErrorKind::NotFound {
+                    Vec::new()
+                } else {
+                    vec![Problem {
+                        object: key.clone(),
+                        path: None,
+                        kind: ProblemKind::Unreadable {
+                            message: e.to_string(),
+                        },
+                    }]
+                },
+                url: None,
+                deep: None,
+            },
+        };
+        events(&Event::NarinfoChecked);
+        named_nars.extend(checked.url);
+        for p in checked.problems {
+            problem(&mut r, p);
+        }
+        if let Some((info, comp)) = checked.deep {
+            // Every NAR that exists is read, even where the narinfo has other problems: what
+            // its bytes are tells whether re-publishing can be avoided (it cannot, today) and
+            // names the damage. A size the inventory gave is checked already.
+            if let (true, Some(listed)) = (opts.deep, inv.nars.get(&info.url)) {
+                let size_checked = listed.is_some();
+                match comp {
+                    Ok(comp) => to_read.push(ToRead {
+                        key: key.clone(),
+                        nar: info.url.clone(),
+                        info,
+                        comp,
+                        size_checked,
+                    }),
+                    Err(name) => note(
+                        &mut r,
+                        Note::Unchecked {
+                            object: info.url.clone(),
+                            why: format!(
+                                "its compression {name:?} is not one nixpush reads \
+                                 (none, xz, bzip2, zstd)"
+                            ),
+                        },
+                    ),
+                }
+            }
+        }
+        r.entries.insert(key.clone(), checked.entry);
+    }
+    drop(reads);
+
+    // References, against the inventory.
+    let mut missing_problems = Vec::new();
+    for e in r.entries.values() {
+        for reference in &e.references {
+            let rkey = crate::publish::narinfo_key(reference);
+            if !inv.narinfos.contains(&rkey) {
+                missing_problems.push(Problem {
+                    object: e.key.clone(),
+                    path: e.path.as_ref().map(|p| opts.store_dir.display(p)),
+                    kind: ProblemKind::ReferenceMissing {
+                        reference: opts.store_dir.display(reference),
+                    },
+                });
+                r.missing.insert(rkey, reference.clone());
+            }
+        }
+    }
+    for p in missing_problems {
+        problem(&mut r, p);
+    }
+
+    if opts.deep {
+        deep_pass(backend, opts, to_read, &mut r, &events).await;
+    }
+
+    for (nar, size) in &inv.nars {
+        if !named_nars.contains(nar) {
+            note(
+                &mut r,
+                Note::Orphan {
+                    object: nar.clone(),
+                    size: *size,
+                },
+            );
+        }
+    }
+    for t in &inv.stale_temps {
+        note(
+            &mut r,
+            Note::StaleTemp {
+                object: t.key.clone(),
+                age_secs: t.age.as_secs(),
+                size: t.size,
+            },
+        );
+    }
+    r.secs = started.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+async fn check_cache_info(
+    backend: &dyn Backend,
+    inv: &Inventory,
+    store_dir: &StoreDir,
+) -> Option<Problem> {
+    let object = cache_info::FILE_NAME.to_owned();
+    let problem = |kind| {
+        Some(Problem {
+            object: object.clone(),
+            path: None,
+            kind,
+        })
+    };
+    if !inv.has_cache_info {
+        return problem(ProblemKind::CacheInfoMissing);
+    }
+    let bytes = match backend
+        .get_optional(cache_info::FILE_NAME, SMALL_OBJECT_LIMIT)
+        .await
+    {
+        Ok(Some(b)) => b,
+        Ok(None) => return problem(ProblemKind::CacheInfoMissing),
+        Err(e) => {
+            return problem(ProblemKind::Unreadable {
+                message: e.to_string(),
+            });
+        }
+    };
+    match CacheInfo::parse(&String::from_utf8_lossy(&bytes)) {
+        Ok(info) if info.store_dir == store_dir.as_str() => None,
+        Ok(info) => problem(ProblemKind::StoreDirMismatch {
+            theirs: info.store_dir,
+            ours: store_dir.as_str().to_owned(),
+        }),
+        Err(e) => problem(ProblemKind::CacheInfoUnparsable {
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// One narinfo's findings.
+struct Checked {
+    entry: Entry,
+    problems: Vec<Problem>,
+    /// The NAR it names, even if it is otherwise broken (so that NAR is not an orphan).
+    url: Option<String>,
+    /// What `deep` should find in its NAR, and its compression (or its name, where it is not
+    /// one nixpush reads).
+    deep: Option<(NarInfo, Result<Compression, String>)>,
+}
+
+fn check_narinfo(key: &str, bytes: &[u8], inv: &Inventory, opts: &VerifyOptions) -> Checked {
+    let sd = &opts.store_dir;
+    let text = String::from_utf8_lossy(bytes);
+    let mut c = Checked {
+        entry: Entry {
+            key: key.to_owned(),
+            path: None,
+            references: Vec::new(),
+            state: State::Sound,
+        },
+        problems: Vec::new(),
+        url: None,
+        deep: None,
+    };
+    let info = match NarInfo::parse(&text) {
+        Ok(info) => info,
+        Err(e) => {
+            // What can still be read: which path it was for (to re-publish it) and which NAR
+            // it named (which is then no orphan).
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                    .map(str::to_owned)
+            };
+            c.entry.path = field("StorePath").and_then(|p| sd.parse(&p).ok());
+            c.url = field("URL");
+            c.entry.state = State::Broken;
+            c.problems.push(Problem {
+                object: key.to_owned(),
+                path: c.entry.path.as_ref().map(|p| sd.display(p)),
+                kind: ProblemKind::Unparsable {
+                    message: e.to_string(),
+                },
+            });
+            return c;
+        }
+    };
+    c.url = Some(info.url.clone());
+    let broken = |c: &mut Checked, kind| {
+        c.entry.state = State::Broken;
+        c.problems.push(Problem {
+            object: key.to_owned(),
+            path: Some(info.store_path.clone()),
+            kind,
+        });
+    };
+    let path = match sd.parse(&info.store_path) {
+        Ok(p) => p,
+        Err(e) => {
+            broken(
+                &mut c,
+                ProblemKind::NotInStore {
+                    store_dir: sd.as_str().to_owned(),
+                    message: e.to_string(),
+                },
+            );
+            return c;
+        }
+    };
+    let expected_key = crate::publish::narinfo_key(&path);
+    if expected_key != key {
+        broken(
+            &mut c,
+            ProblemKind::WrongName {
+                expected: expected_key,
+            },
+        );
+    }
+    c.entry.path = Some(path.clone());
+
+    let mut references = Vec::new();
+    for r in &info.references {
+        match StorePath::from_base_name(r) {
+            Ok(p) if p == path => {}
+            Ok(p) => references.push(p),
+            Err(_) => broken(
+                &mut c,
+                ProblemKind::BadReference {
+                    reference: r.clone(),
+                },
+            ),
+        }
+    }
+
+    if !opts.trusted.is_empty() {
+        let full_refs: Vec<String> = info
+            .references
+            .iter()
+            .map(|r| format!("{}/{r}", sd.as_str()))
+            .collect();
+        let fp = signing::fingerprint(&info.store_path, &info.nar_hash, info.nar_size, &full_refs);
+        let valid = info
+            .sigs
+            .iter()
+            .any(|s| opts.trusted.iter().any(|k| k.verify(&fp, s)));
+        if !valid {
+            let names: Vec<&str> = info
+                .sigs
+                .iter()
+                .filter_map(|s| signing::signature_key_name(s))
+                .collect();
+            let bad_trusted = names
+                .iter()
+                .find(|n| opts.trusted.iter().any(|k| k.name() == **n));
+            let kind = match bad_trusted {
+                Some(n) => ProblemKind::BadSignature {
+                    key: (*n).to_owned(),
+                },
+                None => ProblemKind::Unsigned {
+                    trusted: opts
+                        .trusted
+                        .iter()
+                        .map(PublicKey::name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    signed_by: if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(", ")
+                    },
+                },
+            };
+            broken(&mut c, kind);
+        }
+    }
+
+    match inv.nars.get(&info.url) {
+        None => broken(
+            &mut c,
+            ProblemKind::NarMissing {
+                nar: info.url.clone(),
+            },
+        ),
+        Some(size) => {
+            if let (Some(actual), Some(expected)) = (*size, info.file_size) {
+                if actual != expected {
+                    broken(
+                        &mut c,
+                        ProblemKind::FileSize {
+                            nar: info.url.clone(),
+                            expected,
+                            actual,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    c.entry.references = references;
+    let comp = info
+        .compression
+        .parse::<Compression>()
+        .map_err(|_| info.compression.clone());
+    c.deep = Some((info, comp));
+    c
+}
+
+/// A NAR for the deep pass.
+struct ToRead {
+    /// The narinfo that names it.
+    key: String,
+    nar: String,
+    info: NarInfo,
+    comp: Compression,
+    /// Its size was compared with FileSize already (the inventory had it).
+    size_checked: bool,
+}
+
+async fn deep_pass(
+    backend: &dyn Backend,
+    opts: &VerifyOptions,
+    to_read: Vec<ToRead>,
+    r: &mut Report,
+    events: &EventSink,
+) {
+    events(&Event::Reading {
+        nars: to_read.len(),
+        bytes: to_read.iter().filter_map(|t| t.info.file_size).sum(),
+    });
+    let reads: Vec<_> = to_read
+        .into_iter()
+        .map(|t| async move {
+            let facts = deep::measure(backend, &t.nar, t.comp).await;
+            (t, facts)
+        })
+        .collect();
+    let mut reads = futures::stream::iter(reads).buffer_unordered(opts.jobs.max(1));
+    while let Some((t, facts)) = reads.next().await {
+        let ToRead {
+            key,
+            nar,
+            info,
+            comp,
+            size_checked,
+        } = t;
+        let path = Some(info.store_path.clone());
+        let mut found = Vec::new();
+        match facts {
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                found.push(ProblemKind::NarMissing { nar: nar.clone() })
+            }
+            Err(e) => found.push(ProblemKind::Unreadable {
+                message: e.to_string(),
+            }),
+            Ok(f) => {
+                r.nars_read += 1;
+                r.bytes_read += f.file_size;
+                events(&Event::NarRead { bytes: f.file_size });
+                if let Some(expected) = info
+                    .file_size
+                    .filter(|s| !size_checked && *s != f.file_size)
+                {
+                    found.push(ProblemKind::FileSize {
+                        nar: nar.clone(),
+                        expected,
+                        actual: f.file_size,
+                    });
+                }
+                if let Some(expected) = info.file_hash.filter(|h| *h != f.file_hash) {
+                    found.push(ProblemKind::FileHash {
+                        nar: nar.clone(),
+                        expected: expected.to_nix_string(),
+                        actual: f.file_hash.to_nix_string(),
+                    });
+                }
+                match f.nar {
+                    Err(message) => found.push(ProblemKind::Decompress {
+                        nar: nar.clone(),
+                        compression: comp.name().to_owned(),
+                        message,
+                    }),
+                    Ok((h, n)) if h != info.nar_hash || n != info.nar_size => {
+                        found.push(ProblemKind::NarHash {
+                            nar: nar.clone(),
+                            expected: info.nar_hash.to_nix_string(),
+                            expected_size: info.nar_size,
+                            actual: h.to_nix_string(),
+                            actual_size: n,
+                        })
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        if found
+            .iter()
+            .any(|k| !matches!(k, ProblemKind::Unreadable { .. }))
+        {
+            if let Some(e) = r.entries.get_mut(&key) {
+                e.state = State::Broken;
+            }
+        } else if !found.is_empty() {
+            if let Some(e) = r.entries.get_mut(&key).filter(|e| e.state == State::Sound) {
+                e.state = State::Unchecked;
+            }
+        }
+        for kind in found {
+            let p = Problem {
+                object: key.clone(),
+                path: path.clone(),
+                kind,
+            };
+            events(&Event::Problem(p.clone()));
+            r.problems.push(p);
+        }
+    }
+}
