@@ -37,10 +37,11 @@
 //! - memory otherwise is a few hundred bytes per narinfo (its key, store path, NAR key and
 //!   references), which the reference check and repair need.
 //!
-//! (Repair comes next.)
+//! Repair's cost is in [`repair`].
 
 pub mod deep;
 pub mod inventory;
+pub mod repair;
 pub mod verify;
 
 /// Narinfos read at once.
