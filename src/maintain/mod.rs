@@ -26,7 +26,10 @@
 //!   the store lists in pages (S3, GCS: `Backend::list`), one directory walk for SFTP, and for
 //!   a local directory one `read_dir` of the top and one of `nar/` with a `stat` of each entry
 //!   (which also gives sizes and finds temporary files). NAR and reference existence are
-//!   answered from it: no request per object. HTTP caches cannot be listed and are refused.
+//!   answered from it: no request per object. Only what it lacks is asked about once more,
+//!   one existence check each (a listing taken during a push may miss an object written just
+//!   before one it shows): none in a sound cache. HTTP caches cannot be listed and are
+//!   refused.
 //! - **the narinfos**: one `GET` each, [`NARINFO_CONCURRENCY`] in flight.
 //! - **sizes** (`FileSize`) are checked without reading where the inventory has them (a local
 //!   directory). S3 and GCS listings carry sizes too, but `Backend::list` returns keys only,

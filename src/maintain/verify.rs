@@ -4,7 +4,9 @@
 //! The order of work: the inventory (one listing), `nix-cache-info`, every narinfo
 //! ([`NARINFO_CONCURRENCY`] at once: parse, name, store directory, signatures, its NAR in the
 //! inventory and its size where known), then the references of all of them against the
-//! inventory, then with `deep` every NAR that exists (`jobs` at once, see [`super::deep`]),
+//! inventory (what the inventory lacks, NARs and references, is asked about once more with an
+//! existence check: a listing taken during a push can miss an object written before one it
+//! shows), then with `deep` every NAR that exists (`jobs` at once, see [`super::deep`]),
 //! then orphans and temporary files. What the narinfos said is kept in [`Report::entries`] for
 //! [`super::repair`].
 
@@ -293,6 +295,8 @@ pub async fn verify(
     // Each sound narinfo's NAR and what it should be, for `deep`.
     let mut to_read: Vec<ToRead> = Vec::new();
     let mut named_nars: HashSet<String> = HashSet::new();
+    // (narinfo key, store path, NAR key) of NARs the inventory lacks.
+    let mut unlisted_nars: Vec<(String, String, String)> = Vec::new();
     while let Some((key, read)) = reads.next().await {
         let checked = match read {
             Ok(bytes) => check_narinfo(key, &bytes, &inv, opts),
@@ -321,9 +325,15 @@ pub async fn verify(
                 },
                 url: None,
                 deep: None,
+                unlisted_nar: false,
             },
         };
         events(&Event::NarinfoChecked);
+        if checked.unlisted_nar {
+            if let (Some(url), Some(path)) = (&checked.url, &checked.entry.path) {
+                unlisted_nars.push((key.clone(), opts.store_dir.display(path), url.clone()));
+            }
+        }
         named_nars.extend(checked.url);
         for p in checked.problems {
             problem(&mut r, p);
@@ -359,12 +369,55 @@ pub async fn verify(
     }
     drop(reads);
 
-    // References, against the inventory.
+    // References, against the inventory. What it lacks is asked about once more: a listing
+    // taken while a push publishes can miss an object written before one it shows (a NAR
+    // before its narinfo, a reference before its referrer). One request per object so found,
+    // which in a sound cache is none.
+    let unlisted_refs: BTreeMap<String, StorePath> = r
+        .entries
+        .values()
+        .flat_map(|e| &e.references)
+        .map(|p| (crate::publish::narinfo_key(p), p.clone()))
+        .filter(|(k, _)| !inv.narinfos.contains(k))
+        .collect();
+    let asked: Vec<String> = unlisted_nars
+        .iter()
+        .map(|(_, _, nar)| nar.clone())
+        .chain(unlisted_refs.keys().cloned())
+        .collect();
+    let there = match existing(backend, &asked).await {
+        Ok(there) => there,
+        Err(e) => {
+            let p = Problem {
+                object: "(listing)".to_owned(),
+                path: None,
+                kind: ProblemKind::Unreadable {
+                    message: format!("cannot check what the listing lacks: {e}"),
+                },
+            };
+            problem(&mut r, p);
+            asked.iter().cloned().collect()
+        }
+    };
+    for (key, path, nar) in unlisted_nars {
+        if there.contains(&nar) {
+            continue;
+        }
+        if let Some(e) = r.entries.get_mut(&key) {
+            e.state = State::Broken;
+        }
+        let p = Problem {
+            object: key,
+            path: Some(path),
+            kind: ProblemKind::NarMissing { nar },
+        };
+        problem(&mut r, p);
+    }
     let mut missing_problems = Vec::new();
     for e in r.entries.values() {
         for reference in &e.references {
             let rkey = crate::publish::narinfo_key(reference);
-            if !inv.narinfos.contains(&rkey) {
+            if unlisted_refs.contains_key(&rkey) && !there.contains(&rkey) {
                 missing_problems.push(Problem {
                     object: e.key.clone(),
                     path: e.path.as_ref().map(|p| opts.store_dir.display(p)),
@@ -407,6 +460,37 @@ pub async fn verify(
     }
     r.secs = started.elapsed().as_secs_f64();
     Ok(r)
+}
+
+/// Which of `keys` exist, asked one by one ([`NARINFO_CONCURRENCY`] at once), or in one pass
+/// where the store offers it.
+async fn existing(
+    backend: &dyn Backend,
+    keys: &[String],
+) -> Result<HashSet<String>, nixpush_backends::BackendError> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    if let Some(answers) = backend.exists_all(keys).await? {
+        return Ok(keys
+            .iter()
+            .zip(answers)
+            .filter(|(_, there)| *there)
+            .map(|(k, _)| k.clone())
+            .collect());
+    }
+    let checks: Vec<_> = keys
+        .iter()
+        .map(|k| async move { (k, backend.exists(k).await) })
+        .collect();
+    let mut checks = futures::stream::iter(checks).buffer_unordered(NARINFO_CONCURRENCY);
+    let mut there = HashSet::new();
+    while let Some((k, r)) = checks.next().await {
+        if r? {
+            there.insert(k.clone());
+        }
+    }
+    Ok(there)
 }
 
 async fn check_cache_info(
@@ -458,6 +542,8 @@ struct Checked {
     /// What `deep` should find in its NAR, and its compression (or its name, where it is not
     /// one nixpush reads).
     deep: Option<(NarInfo, Result<Compression, String>)>,
+    /// Its NAR is not in the inventory.
+    unlisted_nar: bool,
 }
 
 fn check_narinfo(key: &str, bytes: &[u8], inv: &Inventory, opts: &VerifyOptions) -> Checked {
@@ -473,6 +559,7 @@ fn check_narinfo(key: &str, bytes: &[u8], inv: &Inventory, opts: &VerifyOptions)
         problems: Vec::new(),
         url: None,
         deep: None,
+        unlisted_nar: false,
     };
     let info = match NarInfo::parse(&text) {
         Ok(info) => info,
@@ -587,12 +674,8 @@ fn check_narinfo(key: &str, bytes: &[u8], inv: &Inventory, opts: &VerifyOptions)
     }
 
     match inv.nars.get(&info.url) {
-        None => broken(
-            &mut c,
-            ProblemKind::NarMissing {
-                nar: info.url.clone(),
-            },
-        ),
+        // Confirmed by the caller: it may have been written after the listing passed it.
+        None => c.unlisted_nar = true,
         Some(size) => {
             if let (Some(actual), Some(expected)) = (*size, info.file_size) {
                 if actual != expected {
@@ -725,5 +808,124 @@ async fn deep_pass(
             events(&Event::Problem(p.clone()));
             r.problems.push(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use nixpush_backends::fs::FsBackend;
+    use nixpush_backends::{BackendError, Body, ByteStream, PutOptions};
+
+    use super::*;
+    use crate::formats::Sha256;
+
+    /// A directory cache whose listing misses some keys, as one taken during a push may, and
+    /// that counts existence checks.
+    #[derive(Debug)]
+    struct Unlisted {
+        inner: FsBackend,
+        hidden: Vec<String>,
+        exists: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for Unlisted {
+        async fn put(&self, key: &str, body: Body, opts: PutOptions) -> Result<(), BackendError> {
+            self.inner.put(key, body, opts).await
+        }
+        async fn exists(&self, key: &str) -> Result<bool, BackendError> {
+            self.exists.fetch_add(1, Ordering::Relaxed);
+            self.inner.exists(key).await
+        }
+        async fn get(&self, key: &str) -> Result<ByteStream, BackendError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+            let mut keys = self.inner.list(prefix).await?;
+            keys.retain(|k| !self.hidden.contains(k));
+            Ok(keys)
+        }
+        async fn delete(&self, key: &str) -> Result<(), BackendError> {
+            self.inner.delete(key).await
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    fn narinfo(sd: &StoreDir, path: &StorePath, refs: &[&StorePath]) -> (String, String) {
+        let nar = format!("nar/{}.nar", path.hash_part());
+        let info = NarInfo {
+            store_path: sd.display(path),
+            url: nar.clone(),
+            compression: "none".into(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: Sha256::digest(b"x"),
+            nar_size: 1,
+            references: refs.iter().map(|r| r.base_name().to_owned()).collect(),
+            deriver: None,
+            sigs: Vec::new(),
+            ca: None,
+            unknown: Vec::new(),
+        };
+        (info.render(), nar)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_listing_lacks_is_asked_once_more_and_only_that() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let a = StorePath::from_base_name(&format!("{}-a", "a".repeat(32))).unwrap();
+        let b = StorePath::from_base_name(&format!("{}-b", "b".repeat(32))).unwrap();
+        std::fs::create_dir(d.path().join("nar")).unwrap();
+        std::fs::write(d.path().join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+        let mut nars = Vec::new();
+        for (p, refs) in [(&a, vec![]), (&b, vec![&a])] {
+            let (text, nar) = narinfo(&sd, p, &refs);
+            std::fs::write(d.path().join(crate::publish::narinfo_key(p)), text).unwrap();
+            std::fs::write(d.path().join(&nar), "x").unwrap();
+            nars.push(nar);
+        }
+        let backend = Unlisted {
+            inner: FsBackend::new(d.path().to_owned()).await.unwrap(),
+            hidden: vec![crate::publish::narinfo_key(&a), nars[1].clone()],
+            exists: AtomicUsize::new(0),
+        };
+        let opts = VerifyOptions {
+            store_dir: sd,
+            trusted: Vec::new(),
+            deep: false,
+            jobs: 1,
+        };
+        let quiet: EventSink = Arc::new(|_: &Event| {});
+        let r = verify(&backend, None, &opts, quiet.clone()).await.unwrap();
+        assert!(r.whole(), "{:?}", r.problems);
+        // b's NAR and b's reference a: one check each, and no other.
+        assert_eq!(backend.exists.load(Ordering::Relaxed), 2);
+
+        // Really gone: then they are problems.
+        std::fs::remove_file(d.path().join(&nars[1])).unwrap();
+        std::fs::remove_file(d.path().join(crate::publish::narinfo_key(&a))).unwrap();
+        let r = verify(&backend, None, &opts, quiet).await.unwrap();
+        let kinds: Vec<&ProblemKind> = r.problems.iter().map(|p| &p.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                &ProblemKind::NarMissing {
+                    nar: nars[1].clone()
+                },
+                &ProblemKind::ReferenceMissing {
+                    reference: "/nix/store/".to_owned() + a.base_name()
+                },
+            ]
+        );
+        assert_eq!(
+            r.entries[&crate::publish::narinfo_key(&b)].state,
+            State::Broken
+        );
+        assert_eq!(r.missing.len(), 1);
     }
 }
