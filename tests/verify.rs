@@ -357,6 +357,35 @@ fn an_unparsable_narinfo_is_found() {
 }
 
 #[test]
+fn a_misfiled_narinfo_is_found_and_repair_removes_it() {
+    let c = small_closure();
+    let cache = Cache::new("zstd");
+    // The leaf's narinfo copied under a name no path of the closure has.
+    let wrong = format!("{}.narinfo", "0".repeat(32));
+    fs::copy(cache.narinfo_file(&c.leaf), cache.dir.join(&wrong)).expect("copy");
+    cache.verify_finds(
+        &[],
+        &format!(
+            "error: {wrong} ({}): is filed under the wrong name: its narinfo would be {}.narinfo",
+            c.leaf,
+            hash_part(&c.leaf)
+        ),
+    );
+    let out = cache.repair(&[]);
+    assert!(
+        out.stdout.contains(&format!(
+            "removed: {wrong} ({}): it is filed under the wrong name",
+            c.leaf
+        )),
+        "{}",
+        out.report()
+    );
+    assert!(!cache.dir.join(&wrong).exists());
+    cache.verify_whole(&[]);
+    cache.assert_nix_substitutes(std::slice::from_ref(&c.small));
+}
+
+#[test]
 fn a_stale_temporary_file_is_reported() {
     let cache = Cache::new("zstd");
     let stale = cache.dir.join("nar/.nixpush-stale1.tmp");

@@ -13,7 +13,9 @@
 //!    re-publication failed for good, e.g. the local copy is corrupt): its narinfo and the
 //!    narinfo of every path that refers to it, directly or not, referrers first. A narinfo
 //!    that refers to a missing one is thus never left behind, and the rule the publish layer
-//!    relies on (a narinfo exists only once its references' do) holds at every step.
+//!    relies on (a narinfo exists only once its references' do) holds at every step. A
+//!    narinfo filed under another name than its path's is removed too, once its path's own
+//!    narinfo is re-published where it can be.
 //!
 //! It never deletes a NAR: what a removed narinfo named becomes an orphan, reported by the next
 //! verify, for garbage collection to remove. Temporary files are left to that too. A path whose
@@ -254,8 +256,15 @@ pub async fn repair(
         if published_keys.contains(*key) {
             continue;
         }
+        // `path` is what the narinfo says; a misfiled one is removed whatever became of it.
         let why = match path {
-            None => "it cannot be re-published: which store path it is for is not known".into(),
+            None => "it cannot be re-published: it names no path of this store".into(),
+            // Re-publishing writes the path's own narinfo; this copy under another name goes.
+            Some(p) if narinfo_key(p) != *key => format!(
+                "it is filed under the wrong name (the narinfo of {} is {})",
+                sd.display(p),
+                narinfo_key(p)
+            ),
             Some(p) if !valid.contains(*p) => {
                 "it cannot be re-published: its path is not valid in the local store".into()
             }
