@@ -509,6 +509,20 @@ fn deep_repair_mends_a_flipped_byte_and_a_missing_reference() {
             out.report()
         );
     }
+    // The rest of the small path's closure is rewritten with it, and only counted.
+    for p in [&c.link, &c.text] {
+        assert!(
+            !out.stdout.contains(&format!("repaired: {p}")),
+            "{}",
+            out.report()
+        );
+    }
+    assert!(
+        out.stdout
+            .contains("repair: re-published 2 paths, removed 0 narinfos, rewrote 2 sound paths"),
+        "{}",
+        out.report()
+    );
     cache.verify_whole(&["--deep"]);
     cache.assert_nix_substitutes(std::slice::from_ref(&c.small));
 }

@@ -74,8 +74,8 @@ fn trusted_key(arg: &str) -> anyhow::Result<PublicKey> {
 pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let (config_path, named) = args.config.path();
     // The configuration is read only for what the command line leaves out.
-    let need_config =
-        args.cache.is_none() || (args.key_files.is_empty() && args.trusted_keys.is_empty());
+    let need_config = args.cache.is_none()
+        || (args.key_files.is_empty() && (args.trusted_keys.is_empty() || args.repair));
     if named && !config_path.exists() {
         bail!(
             "configuration file {} does not exist",
@@ -114,8 +114,8 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             for f in cfg.resolved_key_files(&config_path) {
                 let key = super::read_key(&f).with_context(|| {
                     format!(
-                        "the configuration {} names this key; give --trusted-key NAME:KEY \
-                         (and --key-file for --repair) instead",
+                        "key-files in {} (give --trusted-key NAME:KEY, and --key-file for \
+                         --repair, where this user cannot read it)",
                         config_path.display()
                     )
                 })?;
@@ -290,6 +290,12 @@ fn repair_summary(m: &RepairReport, after: &Report) -> String {
         plural(m.republished.len(), "path"),
         plural(m.removed.len(), "narinfo")
     );
+    if m.rewritten > 0 {
+        s.push_str(&format!(
+            ", rewrote {} of their closures",
+            plural(m.rewritten, "sound path")
+        ));
+    }
     if m.cache_info_written {
         s.push_str(", wrote nix-cache-info");
     }

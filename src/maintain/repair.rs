@@ -66,7 +66,8 @@ pub enum RepairError {
 #[derive(Debug, Clone)]
 pub enum Event {
     CacheInfoWritten,
-    /// A path published again from the local store.
+    /// A broken or missing path published again from the local store. (The rest of the
+    /// closures rewritten with them are only counted.)
     Republished {
         path: String,
     },
@@ -91,8 +92,10 @@ pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RepairReport {
     pub cache_info_written: bool,
-    /// Store paths published again (full paths), sorted.
+    /// Broken or missing store paths published again (full paths), sorted.
     pub republished: Vec<String>,
+    /// Sound paths rewritten with them (the closures of broken paths).
+    pub rewritten: usize,
     /// Narinfo keys removed, in the order they were removed.
     pub removed: Vec<String>,
     /// Paths whose re-publication failed in a way that may pass: left as they were.
@@ -199,6 +202,7 @@ pub async fn repair(
         .filter(|p| valid.contains(*p))
         .cloned()
         .collect();
+    let targets: Arc<HashSet<StorePath>> = Arc::new(rewrite.iter().chain(&fill).cloned().collect());
     for (roots, force) in [(rewrite, true), (fill, false)] {
         if roots.is_empty() {
             continue;
@@ -215,6 +219,7 @@ pub async fn repair(
             let published = published.clone();
             let events = events.clone();
             let sd = sd.clone();
+            let targets = targets.clone();
             Arc::new(move |e: &publish::Event| match e {
                 publish::Event::Published { path, .. }
                 | publish::Event::AlreadyPublished { path, .. } => {
@@ -222,7 +227,7 @@ pub async fn repair(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(path.clone());
-                    if fresh {
+                    if fresh && targets.contains(path) {
                         events(&Event::Republished {
                             path: sd.display(path),
                         });
@@ -248,7 +253,12 @@ pub async fn repair(
     }
     let published = std::mem::take(&mut *published.lock().unwrap_or_else(|p| p.into_inner()));
     let published_keys: HashSet<String> = published.iter().map(narinfo_key).collect();
-    out.republished = published.iter().map(|p| sd.display(p)).collect();
+    out.republished = published
+        .iter()
+        .filter(|p| targets.contains(*p))
+        .map(|p| sd.display(p))
+        .collect();
+    out.rewritten = published.len() - out.republished.len();
 
     // What cannot be repaired, and why.
     let mut seeds: BTreeMap<String, String> = BTreeMap::new();
