@@ -292,7 +292,7 @@ pub async fn verify(
         .map(|key| async move { (key, backend.get_bytes(key, SMALL_OBJECT_LIMIT).await) })
         .collect();
     let mut reads = futures::stream::iter(reads).buffer_unordered(NARINFO_CONCURRENCY);
-    // Each sound narinfo's NAR and what it should be, for `deep`.
+    // Every NAR that exists and what its narinfo says it is, for `deep`.
     let mut to_read: Vec<ToRead> = Vec::new();
     let mut named_nars: HashSet<String> = HashSet::new();
     // (narinfo key, store path, NAR key) of NARs the inventory lacks.
@@ -339,9 +339,8 @@ pub async fn verify(
             problem(&mut r, p);
         }
         if let Some((info, comp)) = checked.deep {
-            // Every NAR that exists is read, even where the narinfo has other problems: what
-            // its bytes are tells whether re-publishing can be avoided (it cannot, today) and
-            // names the damage. A size the inventory gave is checked already.
+            // Every NAR that exists is read, even where its narinfo has other problems, so
+            // that all of the damage is named. A size the inventory gave is checked already.
             if let (true, Some(listed)) = (opts.deep, inv.nars.get(&info.url)) {
                 let size_checked = listed.is_some();
                 match comp {
@@ -389,7 +388,7 @@ pub async fn verify(
         Ok(there) => there,
         Err(e) => {
             let p = Problem {
-                object: "(listing)".to_owned(),
+                object: r.cache.clone(),
                 path: None,
                 kind: ProblemKind::Unreadable {
                     message: format!("cannot check what the listing lacks: {e}"),
