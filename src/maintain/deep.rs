@@ -3,12 +3,18 @@
 //! Backend::get ─► [sha256 + count: FileHash, FileSize] ─► bounded channel
 //!              ─► decompressor (a blocking thread) ─► [sha256 + count: NarHash, NarSize]
 //! ```
-//! Memory is bounded whatever the NAR's size: [`CHUNKS_IN_FLIGHT`] chunks from the store
-//! (256 KiB each from a local directory), the decoder's buffers and window, and a 256 KiB copy
-//! buffer. When the decoder gives up (the data is not what the narinfo's `Compression` says),
-//! the rest is still read for `FileHash`, so a damaged file is reported as such first.
+//! Memory is bounded whatever the NAR's size: [`CHUNKS_IN_FLIGHT`] chunks from the store, the
+//! decoder's buffers and window, and a copy buffer of at most 256 KiB (less for a small NAR:
+//! a cache of small paths is mostly small NARs, and filling a fresh 256 KiB buffer for each
+//! cost more than reading them). When the decoder gives up (the data is not what the
+//! narinfo's `Compression` says), the rest is still read for `FileHash`, so a damaged file is
+//! reported as such first.
+//!
+//! A NAR in a local directory is read by [`measure_file`] on the calling (blocking) thread,
+//! hashed below the decoder's buffer, without the channel.
 
 use std::io::{self, Read};
+use std::path::Path;
 
 use bytes::{Buf as _, Bytes};
 use futures::TryStreamExt as _;
@@ -32,14 +38,22 @@ pub struct NarFacts {
 
 /// Read the NAR under `key` and measure it (see the module doc). Only the store's failures
 /// are errors; what the bytes are is in the answer.
+/// `nar_size` (what the narinfo says) only sizes the buffers.
 pub async fn measure(
     backend: &dyn Backend,
     key: &str,
     compression: Compression,
+    nar_size: u64,
 ) -> Result<NarFacts, BackendError> {
     let mut stream = backend.get(key).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
-    let decoder = tokio::task::spawn_blocking(move || decode(rx, compression));
+    let decoder = tokio::task::spawn_blocking(move || {
+        let raw = ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        };
+        decode(raw, COPY_BUF, compression, nar_size)
+    });
     let mut file_hash = sha2::Sha256::new();
     let mut file_size = 0u64;
     let mut tx = Some(tx);
@@ -65,6 +79,68 @@ pub async fn measure(
     })
 }
 
+/// [`measure`] for the NAR file `path` (its key `key`, for errors), blocking.
+pub fn measure_file(
+    path: &Path,
+    key: &str,
+    compression: Compression,
+    nar_size: u64,
+) -> Result<NarFacts, BackendError> {
+    let file = std::fs::File::open(path).map_err(|e| BackendError::io("get", key, e))?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(COPY_BUF as u64);
+    let mut src = Hashing {
+        inner: file,
+        hash: sha2::Sha256::new(),
+        count: 0,
+        error: None,
+    };
+    let nar = decode(&mut src, buffer_for(file_len), compression, nar_size);
+    // What the decoder left (trailing bytes, or all of it after a failure) counts for FileHash.
+    if src.error.is_none() {
+        let _ = io::copy(&mut src, &mut io::sink());
+    }
+    if let Some(e) = src.error {
+        return Err(BackendError::io("get", key, e));
+    }
+    Ok(NarFacts {
+        file_hash: Sha256(src.hash.finalize().into()),
+        file_size: src.count,
+        nar: nar.map_err(|e| e.to_string()),
+    })
+}
+
+/// A file read through sha256 and a byte count. A read error is kept: it is the store's
+/// failure, not the data's, and must not be reported as a damaged NAR.
+struct Hashing<R> {
+    inner: R,
+    hash: sha2::Sha256,
+    count: u64,
+    error: Option<io::Error>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.hash.update(&buf[..n]);
+                self.count += n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let copy = io::Error::new(e.kind(), e.to_string());
+                self.error = Some(e);
+                Err(copy)
+            }
+        }
+    }
+}
+
+/// A buffer for `len` bytes: no larger than they need, nor than [`COPY_BUF`].
+fn buffer_for(len: u64) -> usize {
+    (len.saturating_add(1)).clamp(4096, COPY_BUF as u64) as usize
+}
+
 /// Chunks from the channel as a `Read`, for the synchronous decoders.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
@@ -86,18 +162,15 @@ impl Read for ChannelReader {
     }
 }
 
+/// Decompress `src` (read through a buffer of `in_buf` bytes) and hash what comes out.
 fn decode(
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    src: impl Read,
+    in_buf: usize,
     compression: Compression,
+    nar_size: u64,
 ) -> io::Result<(Sha256, u64)> {
-    let raw = io::BufReader::with_capacity(
-        COPY_BUF,
-        ChannelReader {
-            rx,
-            cur: Bytes::new(),
-        },
-    );
-    let mut reader: Box<dyn Read> = match compression {
+    let raw = io::BufReader::with_capacity(in_buf, src);
+    let mut reader: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(raw),
         Compression::Xz => Box::new(xz2::read::XzDecoder::new(raw)),
         Compression::Bzip2 => Box::new(bzip2::read::BzDecoder::new(raw)),
@@ -105,7 +178,7 @@ fn decode(
     };
     let mut h = sha2::Sha256::new();
     let mut n = 0u64;
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut buf = vec![0u8; buffer_for(nar_size)];
     loop {
         let k = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -147,7 +220,10 @@ mod tests {
             .await
             .unwrap();
         std::fs::write(d.path().join("nar/x"), file).unwrap();
-        measure(&fs, "nar/x", c).await.unwrap()
+        let streamed = measure(&fs, "nar/x", c, 1000).await.unwrap();
+        let local = measure_file(&d.path().join("nar/x"), "nar/x", c, 1000).unwrap();
+        assert_eq!(streamed, local, "{c}");
+        streamed
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,88 +285,58 @@ pub async fn verify(
         problem(&mut r, p);
     }
 
-    // Every narinfo on its own.
-    let reads: Vec<_> = inv
-        .narinfos
-        .iter()
-        .map(|key| async move { (key, backend.get_bytes(key, SMALL_OBJECT_LIMIT).await) })
-        .collect();
-    let mut reads = futures::stream::iter(reads).buffer_unordered(NARINFO_CONCURRENCY);
+    // Every narinfo on its own, a batch at a time (see `check_batch`).
+    let inv = Arc::new(inv);
+    let shared = Arc::new(opts.clone());
+    let keys: Vec<String> = inv.narinfos.iter().cloned().collect();
     // Every NAR that exists and what its narinfo says it is, for `deep`.
     let mut to_read: Vec<ToRead> = Vec::new();
     let mut named_nars: HashSet<String> = HashSet::new();
     // (narinfo key, store path, NAR key) of NARs the inventory lacks.
     let mut unlisted_nars: Vec<(String, String, String)> = Vec::new();
-    while let Some((key, read)) = reads.next().await {
-        let checked = match read {
-            Ok(bytes) => check_narinfo(key, &bytes, &inv, opts),
-            Err(e) => Checked {
-                entry: Entry {
-                    key: key.clone(),
-                    path: None,
-                    references: Vec::new(),
-                    state: if e.kind == ErrorKind::NotFound {
-                        // Removed since the listing: not there, so not broken.
-                        State::Sound
-                    } else {
-                        State::Unchecked
-                    },
-                },
-                problems: if e.kind == ErrorKind::NotFound {
-                    Vec::new()
-                } else {
-                    vec![Problem {
-                        object: key.clone(),
-                        path: None,
-                        kind: ProblemKind::Unreadable {
-                            message: e.to_string(),
-                        },
-                    }]
-                },
-                url: None,
-                deep: None,
-                unlisted_nar: false,
-            },
-        };
-        events(&Event::NarinfoChecked);
-        if checked.unlisted_nar {
-            if let (Some(url), Some(path)) = (&checked.url, &checked.entry.path) {
-                unlisted_nars.push((key.clone(), opts.store_dir.display(path), url.clone()));
-            }
-        }
-        named_nars.extend(checked.url);
-        for p in checked.problems {
-            problem(&mut r, p);
-        }
-        if let Some((info, comp)) = checked.deep {
-            // Every NAR that exists is read, even where its narinfo has other problems, so
-            // that all of the damage is named. A size the inventory gave is checked already.
-            if let (true, Some(listed)) = (opts.deep, inv.nars.get(&info.url)) {
-                let size_checked = listed.is_some();
-                match comp {
-                    Ok(comp) => to_read.push(ToRead {
-                        key: key.clone(),
-                        nar: info.url.clone(),
-                        info,
-                        comp,
-                        size_checked,
-                    }),
-                    Err(name) => note(
-                        &mut r,
-                        Note::Unchecked {
-                            object: info.url.clone(),
-                            why: format!(
-                                "its compression {name:?} is not one nixpush reads \
-                                 (none, xz, bzip2, zstd)"
-                            ),
-                        },
-                    ),
+    for batch in keys.chunks(CHECK_BATCH) {
+        for (key, checked) in check_batch(backend, dir, batch, &inv, &shared).await? {
+            let key = &key;
+            events(&Event::NarinfoChecked);
+            if checked.unlisted_nar {
+                if let (Some(url), Some(path)) = (&checked.url, &checked.entry.path) {
+                    unlisted_nars.push((key.clone(), opts.store_dir.display(path), url.clone()));
                 }
             }
+            named_nars.extend(checked.url);
+            for p in checked.problems {
+                problem(&mut r, p);
+            }
+            if let Some((info, comp)) = checked.deep {
+                // Every NAR that exists is read, even where its narinfo has other problems, so
+                // that all of the damage is named. A size the inventory gave is checked already.
+                if let (true, Some(listed)) = (opts.deep, inv.nars.get(&info.url)) {
+                    let size_checked = listed.is_some();
+                    match comp {
+                        Ok(comp) => to_read.push(ToRead {
+                            key: key.clone(),
+                            nar: info.url.clone(),
+                            info,
+                            comp,
+                            size_checked,
+                        }),
+                        Err(name) => note(
+                            &mut r,
+                            Note::Unchecked {
+                                object: info.url.clone(),
+                                why: format!(
+                                    "its compression {name:?} is not one nixpush reads \
+                                 (none, xz, bzip2, zstd)"
+                                ),
+                            },
+                        ),
+                    }
+                }
+            }
+            r.entries.insert(key.clone(), checked.entry);
         }
-        r.entries.insert(key.clone(), checked.entry);
     }
-    drop(reads);
+    let inv = &*inv;
 
     // References, against the inventory. What it lacks is asked about once more: a listing
     // taken while a push publishes can miss an object written before one it shows (a NAR
@@ -433,7 +403,7 @@ pub async fn verify(
     }
 
     if opts.deep {
-        deep_pass(backend, opts, to_read, &mut r, &events).await;
+        deep_pass(backend, dir, opts, to_read, &mut r, &events).await;
     }
 
     for (nar, size) in &inv.nars {
@@ -459,6 +429,133 @@ pub async fn verify(
     }
     r.secs = started.elapsed().as_secs_f64();
     Ok(r)
+}
+
+/// Narinfos read and checked together: a batch bounds what is held at once.
+const CHECK_BATCH: usize = 1024;
+
+/// The narinfos of `keys`, read and checked. Checking is CPU work (mostly the ed25519
+/// signature, some 50 µs each), so a batch is split over `jobs` blocking threads; the reads
+/// are [`NARINFO_CONCURRENCY`] requests at once, or for a local directory plain reads by those
+/// same threads (a `tokio::fs` read costs a thread hand-over per call, which for thousands of
+/// small files was most of the time).
+async fn check_batch(
+    backend: &dyn Backend,
+    dir: Option<&std::path::Path>,
+    keys: &[String],
+    inv: &Arc<Inventory>,
+    opts: &Arc<VerifyOptions>,
+) -> Result<Vec<(String, Checked)>, nixpush_backends::BackendError> {
+    type Read = (
+        String,
+        Option<Result<bytes::Bytes, nixpush_backends::BackendError>>,
+    );
+    let read: Vec<Read> = match dir {
+        Some(_) => keys.iter().map(|k| (k.clone(), None)).collect(),
+        None => {
+            let reads: Vec<_> = keys
+                .iter()
+                .map(|key| async move {
+                    let got = backend.get_bytes(key, SMALL_OBJECT_LIMIT).await;
+                    (key.clone(), Some(got))
+                })
+                .collect();
+            futures::stream::iter(reads)
+                .buffer_unordered(NARINFO_CONCURRENCY)
+                .collect()
+                .await
+        }
+    };
+    let per = read.len().div_ceil(opts.jobs.max(1)).max(1);
+    let mut read = read.into_iter();
+    let mut tasks = Vec::new();
+    loop {
+        let piece: Vec<Read> = read.by_ref().take(per).collect();
+        if piece.is_empty() {
+            break;
+        }
+        let (inv, opts, dir) = (inv.clone(), opts.clone(), dir.map(ToOwned::to_owned));
+        tasks.push(tokio::task::spawn_blocking(move || {
+            piece
+                .into_iter()
+                .map(|(key, got)| {
+                    let got = got.unwrap_or_else(|| read_local(dir.as_deref(), &key));
+                    let checked = match got {
+                        Ok(bytes) => check_narinfo(&key, &bytes, &inv, &opts),
+                        Err(e) => unreadable(&key, e),
+                    };
+                    (key, checked)
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for t in tasks {
+        match t.await {
+            Ok(part) => out.extend(part),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                return Err(nixpush_backends::BackendError::new(
+                    ErrorKind::Other,
+                    "verify",
+                    "",
+                    e.to_string(),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A small object of a local cache directory, read whole.
+fn read_local(
+    dir: Option<&std::path::Path>,
+    key: &str,
+) -> Result<bytes::Bytes, nixpush_backends::BackendError> {
+    let dir = dir.expect("local reads only for a local directory");
+    let path = dir.join(key);
+    let len = std::fs::metadata(&path)
+        .map_err(|e| nixpush_backends::BackendError::io("get", key, e))?
+        .len();
+    if len > SMALL_OBJECT_LIMIT as u64 {
+        return Err(nixpush_backends::BackendError::new(
+            ErrorKind::Other,
+            "get",
+            key,
+            format!("object is larger than {SMALL_OBJECT_LIMIT} bytes"),
+        ));
+    }
+    std::fs::read(&path)
+        .map(bytes::Bytes::from)
+        .map_err(|e| nixpush_backends::BackendError::io("get", key, e))
+}
+
+/// What a narinfo that could not be read amounts to.
+fn unreadable(key: &str, e: nixpush_backends::BackendError) -> Checked {
+    let gone = e.kind == ErrorKind::NotFound;
+    Checked {
+        entry: Entry {
+            key: key.to_owned(),
+            path: None,
+            references: Vec::new(),
+            // Removed since the listing: not there, so not broken.
+            state: if gone { State::Sound } else { State::Unchecked },
+        },
+        problems: if gone {
+            Vec::new()
+        } else {
+            vec![Problem {
+                object: key.to_owned(),
+                path: None,
+                kind: ProblemKind::Unreadable {
+                    message: e.to_string(),
+                },
+            }]
+        },
+        url: None,
+        deep: None,
+        unlisted_nar: false,
+    }
 }
 
 /// Which of `keys` exist, asked one by one ([`NARINFO_CONCURRENCY`] at once), or in one pass
@@ -712,6 +809,7 @@ struct ToRead {
 
 async fn deep_pass(
     backend: &dyn Backend,
+    dir: Option<&std::path::Path>,
     opts: &VerifyOptions,
     to_read: Vec<ToRead>,
     r: &mut Report,
@@ -723,9 +821,27 @@ async fn deep_pass(
     });
     let reads: Vec<_> = to_read
         .into_iter()
-        .map(|t| async move {
-            let facts = deep::measure(backend, &t.nar, t.comp).await;
-            (t, facts)
+        .map(|t| {
+            let file = dir.map(|d| d.join(&t.nar));
+            async move {
+                match file {
+                    // A local file is read on a blocking thread, without the channel.
+                    Some(file) => {
+                        let done = tokio::task::spawn_blocking(move || {
+                            let facts = deep::measure_file(&file, &t.nar, t.comp, t.info.nar_size);
+                            (t, facts)
+                        });
+                        match done.await {
+                            Ok(done) => done,
+                            Err(e) => std::panic::resume_unwind(e.into_panic()),
+                        }
+                    }
+                    None => {
+                        let facts = deep::measure(backend, &t.nar, t.comp, t.info.nar_size).await;
+                        (t, facts)
+                    }
+                }
+            }
         })
         .collect();
     let mut reads = futures::stream::iter(reads).buffer_unordered(opts.jobs.max(1));
