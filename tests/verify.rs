@@ -182,6 +182,15 @@ fn a_deleted_nar_is_found() {
         problems[0]["object"],
         format!("{}.narinfo", hash_part(&c.leaf))
     );
+    // What --repair --json says it did, and what the verify after it found.
+    let out = cache.repair(&["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(v["whole"], true, "{}", out.stdout);
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(1));
+    assert_eq!(v["repair"]["republished"], serde_json::json!([c.leaf]));
+    assert_eq!(v["repair"]["removed"], serde_json::json!([]));
+    assert_eq!(v["after_repair"]["whole"], true);
+    cache.verify_whole(&["--deep"]);
 }
 
 #[test]
