@@ -804,3 +804,46 @@ fn the_configured_cache_and_keys_are_the_default() {
     );
     cache.assert_nix_substitutes(std::slice::from_ref(&c.small));
 }
+
+#[test]
+fn references_left_to_an_upstream_cache_are_notes() {
+    let c = small_closure();
+    let cache = Cache::new("zstd");
+    // As a push with --skip-signed-by leaves a path out that upstream has.
+    fs::remove_file(cache.narinfo_file(&c.leaf)).expect("remove narinfo");
+    let line = |referrer: &str| {
+        format!(
+            "note: {}: refers to {}, which has no narinfo here; expected upstream (paths signed \
+             by cache.nixos.org-1 are left out)",
+            named(referrer),
+            c.leaf
+        )
+    };
+    let out = cache.verify_whole(&["--skip-signed-by", "cache.nixos.org-1"]);
+    for referrer in [&c.link, &c.small] {
+        assert!(out.stdout.contains(&line(referrer)), "{}", out.report());
+    }
+    // Repair leaves it to upstream: nothing re-published, nothing removed.
+    let out = cache.repair(&["--skip-signed-by", "cache.nixos.org-1"]);
+    assert!(!out.stdout.contains("repaired:"), "{}", out.report());
+    assert!(!out.stdout.contains("removed:"), "{}", out.report());
+    assert!(!cache.narinfo_file(&c.leaf).exists());
+    assert!(cache.narinfo_file(&c.link).exists());
+    // The configured skip-signed-by applies to the configured cache.
+    let config = cache.tmp.path().join("config.toml");
+    fs::write(
+        &config,
+        format!(
+            "cache = \"{}\"\nskip-signed-by = [\"cache.nixos.org-1\"]\n",
+            cache.dir.display()
+        ),
+    )
+    .expect("write config");
+    let out = run(nixpush()
+        .arg("verify")
+        .arg("--trusted-key")
+        .arg(cache.keys.public_key())
+        .env("NIXPUSH_CONFIG", &config));
+    assert!(out.status.success(), "{}", out.report());
+    assert!(out.stdout.contains(&line(&c.small)), "{}", out.report());
+}

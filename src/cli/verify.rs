@@ -52,6 +52,12 @@ pub struct VerifyArgs {
     /// NARs read at once with `--deep`, paths re-published at once [default: number of CPUs].
     #[arg(long, short = 'j', value_name = "N")]
     jobs: Option<usize>,
+    /// The cache leaves out paths signed by this key name, e.g. cache.nixos.org-1, as `push
+    /// --skip-signed-by` does (repeatable): a reference without a narinfo is then expected
+    /// upstream, a note rather than a problem, and `--repair` leaves it alone [default: the
+    /// configured `skip-signed-by`, when verifying the configured cache].
+    #[arg(long, value_name = "KEYNAME")]
+    skip_signed_by: Vec<String>,
     /// Print one JSON document, for scripts.
     #[arg(long)]
     json: bool,
@@ -73,16 +79,17 @@ fn trusted_key(arg: &str) -> anyhow::Result<PublicKey> {
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let (config_path, named) = args.config.path();
-    // The configuration is read only for what the command line leaves out.
-    let need_config = args.cache.is_none()
-        || (args.key_files.is_empty() && (args.trusted_keys.is_empty() || args.repair));
+    // The configuration fills in what the command line leaves out: the cache, the keys
+    // (only where needed: this user may not be able to read them), skip-signed-by.
+    let keys_from_config =
+        args.key_files.is_empty() && (args.trusted_keys.is_empty() || args.repair);
     if named && !config_path.exists() {
         bail!(
             "configuration file {} does not exist",
             config_path.display()
         );
     }
-    let config = if need_config && config_path.exists() {
+    let config = if config_path.exists() {
         Some(Config::load_unchecked(&config_path)?)
     } else {
         None
@@ -109,7 +116,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|k| trusted_key(k))
         .collect::<anyhow::Result<_>>()?;
-    if signing.is_empty() {
+    if signing.is_empty() && keys_from_config {
         if let Some(cfg) = &config {
             for f in cfg.resolved_key_files(&config_path) {
                 let key = super::read_key(&f).with_context(|| {
@@ -153,11 +160,19 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("NIX_STORE_DIR {dir:?}"))?
         }
     };
+    let upstream = match &config {
+        _ if !args.skip_signed_by.is_empty() => args.skip_signed_by.clone(),
+        Some(cfg) if args.cache.as_deref().is_none_or(|c| c == cfg.cache) => {
+            cfg.skip_signed_by.clone()
+        }
+        _ => Vec::new(),
+    };
     let opts = VerifyOptions {
         store_dir,
         trusted,
         deep: args.deep,
         jobs,
+        upstream,
     };
 
     let dir = inventory::local_dir(&addr.backend);

@@ -12,7 +12,9 @@
 //! 3. its NAR (`URL`) exists, and is `FileSize` bytes long where that is known without reading
 //!    it; with `--deep`, its bytes hash to `FileHash`, decompress (as `Compression` says), and
 //!    the NAR inside hashes to `NarHash` and is `NarSize` bytes long;
-//! 4. every reference has a narinfo (a substitution needs the whole closure);
+//! 4. every reference has a narinfo (a substitution needs the whole closure), unless the cache
+//!    leaves out paths an upstream cache has (`push --skip-signed-by`; verify is told so, and a
+//!    reference without a narinfo is then a note);
 //! 5. at least one `Sig:` verifies under a trusted key (Nix's rule for `require-sigs`).
 //!
 //! Two things are reported but do not make a cache broken: NARs no narinfo names (orphans, left

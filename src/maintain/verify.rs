@@ -38,6 +38,10 @@ pub struct VerifyOptions {
     pub deep: bool,
     /// NARs read at once with `deep`.
     pub jobs: usize,
+    /// Key names of an upstream cache whose paths this one leaves out (`push
+    /// --skip-signed-by`): a reference without a narinfo is then expected there, and is a note,
+    /// not a problem.
+    pub upstream: Vec<String>,
 }
 
 /// A way in which the cache is not whole.
@@ -143,6 +147,13 @@ pub enum Note {
     Unchecked { object: String, why: String },
     /// Signatures were not checked.
     NoTrustedKey,
+    /// A reference without a narinfo here, where the cache leaves out upstream paths.
+    ReferenceElsewhere {
+        object: String,
+        path: Option<String>,
+        reference: String,
+        upstream: String,
+    },
 }
 
 impl std::fmt::Display for Note {
@@ -167,6 +178,22 @@ impl std::fmt::Display for Note {
                 indicatif::HumanDuration(std::time::Duration::from_secs(*age_secs))
             ),
             Note::Unchecked { object, why } => write!(f, "{object}: not checked: {why}"),
+            Note::ReferenceElsewhere {
+                object,
+                path,
+                reference,
+                upstream,
+            } => {
+                match path {
+                    Some(p) => write!(f, "{object} ({p})")?,
+                    None => write!(f, "{object}")?,
+                }
+                write!(
+                    f,
+                    ": refers to {reference}, which has no narinfo here; expected upstream \
+                     (paths signed by {upstream} are left out)"
+                )
+            }
             Note::NoTrustedKey => write!(
                 f,
                 "signatures not checked: no trusted key (give --trusted-key NAME:KEY or --key-file)"
@@ -383,10 +410,20 @@ pub async fn verify(
         problem(&mut r, p);
     }
     let mut missing_problems = Vec::new();
+    let mut elsewhere = Vec::new();
     for e in r.entries.values() {
         for reference in &e.references {
             let rkey = crate::publish::narinfo_key(reference);
             if unlisted_refs.contains_key(&rkey) && !there.contains(&rkey) {
+                if !opts.upstream.is_empty() {
+                    elsewhere.push(Note::ReferenceElsewhere {
+                        object: e.key.clone(),
+                        path: e.path.as_ref().map(|p| opts.store_dir.display(p)),
+                        reference: opts.store_dir.display(reference),
+                        upstream: opts.upstream.join(" or "),
+                    });
+                    continue;
+                }
                 missing_problems.push(Problem {
                     object: e.key.clone(),
                     path: e.path.as_ref().map(|p| opts.store_dir.display(p)),
@@ -400,6 +437,9 @@ pub async fn verify(
     }
     for p in missing_problems {
         problem(&mut r, p);
+    }
+    for n in elsewhere {
+        note(&mut r, n);
     }
 
     if opts.deep {
@@ -1021,6 +1061,7 @@ mod tests {
             trusted: Vec::new(),
             deep: false,
             jobs: 1,
+            upstream: Vec::new(),
         };
         let quiet: EventSink = Arc::new(|_: &Event| {});
         // All listed: one listing, one read per narinfo and of nix-cache-info, nothing else.
