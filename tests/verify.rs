@@ -723,6 +723,22 @@ fn verify_refuses_what_it_cannot_check() {
         out.report()
     );
     assert!(!missing.exists(), "verify created {}", missing.display());
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).expect("mkdir");
+    let out = run_fail(nixpush().arg("verify").arg(&empty));
+    assert!(
+        out.stderr.contains(&format!(
+            "{} is not a binary cache: it has no nix-cache-info, no narinfos and no nar/",
+            empty.display()
+        )),
+        "{}",
+        out.report()
+    );
+    assert_eq!(
+        dir_names(&empty, |_| true),
+        Vec::<String>::new(),
+        "verify wrote into it"
+    );
     let out = run_fail(nixpush().args(["verify", "https://cache.example.org/x"]));
     assert!(
         out.stderr

@@ -181,6 +181,20 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         if !d.is_dir() {
             bail!("no cache at {}: the directory does not exist", d.display());
         }
+        // Nor one that holds no cache at all (opening it would add `nar/`).
+        let has = |name: &str| d.join(name).exists();
+        let has_narinfo = || {
+            std::fs::read_dir(d).is_ok_and(|mut rd| {
+                rd.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".narinfo")))
+            })
+        };
+        if !has("nix-cache-info") && !has("nar") && !has_narinfo() {
+            bail!(
+                "{} is not a binary cache: it has no nix-cache-info, no narinfos and no nar/ \
+                 (push to it first, or name the cache's own directory)",
+                d.display()
+            );
+        }
     }
     if addr.backend.starts_with("http://") || addr.backend.starts_with("https://") {
         bail!(
