@@ -430,7 +430,7 @@ fn a_missing_nix_cache_info_is_found() {
     fs::remove_file(cache.dir.join("nix-cache-info")).expect("remove");
     cache.verify_finds(
         &[],
-        "error: nix-cache-info: missing: Nix will not use a cache without it",
+        "error: nix-cache-info: missing: a client over HTTP refuses the cache",
     );
     // A cache for another store directory is broken too.
     fs::write(cache.dir.join("nix-cache-info"), "StoreDir: /other/store\n").expect("write");

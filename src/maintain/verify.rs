@@ -68,7 +68,10 @@ impl std::fmt::Display for Problem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ProblemKind {
-    #[error("missing: Nix will not use a cache without it (--repair writes it)")]
+    #[error(
+        "missing: a client over HTTP refuses the cache (\"does not appear to be a binary \
+         cache\", Nix 2.8 says); --repair writes it"
+    )]
     CacheInfoMissing,
     #[error("cannot be parsed: {message}")]
     CacheInfoUnparsable { message: String },
