@@ -53,6 +53,7 @@
 pub mod deep;
 pub mod inventory;
 pub mod repair;
+pub mod report;
 pub mod verify;
 
 /// Narinfos read at once.
