@@ -321,6 +321,50 @@ fn a_wrong_or_missing_signature_is_found() {
 }
 
 #[test]
+fn an_unsigned_content_addressed_path_is_whole_as_nix_takes_it() {
+    let c = small_closure();
+    let cache = Cache::new("zstd");
+    let file = cache.narinfo_file(&c.text);
+    let text = fs::read_to_string(&file).expect("narinfo");
+    assert!(text.contains("\nCA: text:sha256:"), "{text}");
+    let unsigned: String = text
+        .lines()
+        .filter(|l| !l.starts_with("Sig: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(&file, &unsigned).expect("write");
+    // Its content address implies its path: Nix needs no signature, and neither does verify.
+    cache.verify_whole(&[]);
+    cache.assert_nix_substitutes(std::slice::from_ref(&c.text));
+    // With another address it proves nothing, and is unsigned.
+    let other = RawNarInfo::read(&cache.dir, &c.leaf);
+    let forged: String = unsigned
+        .lines()
+        .map(|l| match l.strip_prefix("CA: ") {
+            Some(_) => format!("CA: text:{}\n", other.one("NarHash")),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    fs::write(&file, forged).expect("write");
+    cache.verify_finds(
+        &[],
+        &format!(
+            "error: {}: has no signature by a trusted key (trusted: verify.example.org-1; \
+             signed by: none)",
+            named(&c.text)
+        ),
+    );
+    let root = cache.tmp.path().join("forged-root");
+    let out = run_fail(&mut nix_copy_cmd(
+        &cache.dir,
+        &root,
+        &cache.keys.public_key(),
+        std::slice::from_ref(&c.text),
+    ));
+    assert!(!valid_in_root(&root, &c.text), "{}", out.report());
+}
+
+#[test]
 fn a_missing_reference_is_found() {
     let c = small_closure();
     let cache = Cache::new("zstd");
@@ -453,11 +497,12 @@ fn repair_republishes_what_the_store_has() {
     let (link_nar, _) = cache.nar(&c.link);
     let bytes = fs::read(&link_nar).expect("NAR");
     fs::write(&link_nar, &bytes[..bytes.len() - 1]).expect("truncate");
+    // Unsigned, and without the content address that would vouch for it instead.
     let text_file = cache.narinfo_file(&c.text);
     let unsigned: String = fs::read_to_string(&text_file)
         .expect("narinfo")
         .lines()
-        .filter(|l| !l.starts_with("Sig: "))
+        .filter(|l| !l.starts_with("Sig: ") && !l.starts_with("CA: "))
         .map(|l| format!("{l}\n"))
         .collect();
     fs::write(&text_file, unsigned).expect("write");
@@ -467,6 +512,14 @@ fn repair_republishes_what_the_store_has() {
     fs::remove_file(cache.dir.join("nix-cache-info")).expect("remove");
     let before = cache.verify(&[]);
     assert_eq!(before.status.code(), Some(1), "{}", before.report());
+    assert!(
+        before.stdout.contains(&format!(
+            "error: {}: has no signature by a trusted key",
+            named(&c.text)
+        )),
+        "{}",
+        before.report()
+    );
 
     let out = cache.repair(&[]);
     for p in c.all() {

@@ -15,10 +15,11 @@
 //! 4. every reference has a narinfo (a substitution needs the whole closure), unless the cache
 //!    leaves out paths an upstream cache has (`push --skip-signed-by`; verify is told so, and a
 //!    reference without a narinfo is then a note);
-//! 5. at least one `Sig:` verifies under a trusted key (Nix's rule for `require-sigs`). Nix
-//!    also takes an unsigned content-addressed path whose `CA:` computes to its store path;
-//!    verify does not compute that, and calls every unsigned narinfo unsigned: stricter than
-//!    Nix for those, never more lenient.
+//! 5. at least one `Sig:` verifies under a trusted key (Nix's rule for `require-sigs`), or,
+//!    as Nix also accepts, its `CA:` content address implies its store path (the path's name
+//!    then proves what it holds; see [`crate::formats::content_address`]). Nix then checks the
+//!    content against the address when it imports the path; verify checks a recursive
+//!    (`fixed:r:sha256:`) address against NarHash, and a flat or text one not at all.
 //!
 //! Two things are reported but do not make a cache broken: NARs no narinfo names (orphans, left
 //! by a narinfo that was removed or rewritten; reading Nix never sees them) and temporary files
