@@ -7,6 +7,7 @@
 //! - [`publish`]: which paths to publish ([`publish::plan`]), which the cache has already
 //!   ([`publish::presence`]), one path to one compressed NAR ([`publish::pipeline`]), and the
 //!   order and concurrency of uploads.
+//! - [`maintain`]: looking after a cache that exists: verify it, repair it.
 //! - [`daemon`]: the queue directory, the socket protocol, the hook client, the worker, systemd.
 //! - [`config`] and [`address`]: what the user wrote, checked once.
 //! - the `nixpush-backends` crate: where the objects go.
@@ -15,5 +16,6 @@ pub mod address;
 pub mod config;
 pub mod daemon;
 pub mod formats;
+pub mod maintain;
 pub mod publish;
 pub mod store;

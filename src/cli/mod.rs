@@ -6,6 +6,7 @@ mod keygen;
 mod progress;
 mod push;
 mod status;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +41,8 @@ enum Command {
     Hook(hook::HookArgs),
     /// Ask the daemon how it is doing.
     Status(status::StatusArgs),
+    /// Check that every path in a cache can be substituted; --repair mends what is broken.
+    Verify(verify::VerifyArgs),
 }
 
 /// The configuration file named on the command line or in the environment, else the default.
@@ -107,5 +110,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(push::run(args))
         }
         Command::Daemon(args) => daemon::run(args, cli.verbose),
+        Command::Verify(args) => {
+            init_tracing(cli.verbose, "warn");
+            runtime()?.block_on(verify::run(args))
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cache_info;
 pub mod compression;
+pub mod content_address;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;
