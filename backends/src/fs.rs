@@ -215,7 +215,7 @@ async fn flush_one(
     let p = prepared?.map_err(|e| BackendError::io("put", &key, e))?;
     tokio::task::spawn_blocking(move || flush_and_commit(p))
         .await
-        .map_err(|e| internal_join(&e, &key))?
+        .map_err(|e| internal_join("put", &e, &key))?
         .map_err(|e| BackendError::io("put", &key, e))
 }
 
@@ -286,8 +286,8 @@ fn flush_file_system(
         .collect()
 }
 
-fn internal_join(e: &tokio::task::JoinError, key: &str) -> BackendError {
-    BackendError::new(ErrorKind::Other, "put", key, e.to_string())
+fn internal_join(op: &'static str, e: &tokio::task::JoinError, key: &str) -> BackendError {
+    BackendError::new(ErrorKind::Other, op, key, e.to_string())
 }
 
 /// Step 1 for one object: its bytes in a temporary file next to `dest`, writeback started.
@@ -378,7 +378,12 @@ impl Backend for FsBackend {
         let prepared = match first {
             Ok(Ok(done)) => return done,
             Ok(Err(prepared)) => prepared,
-            Err(e) => return keys.iter().map(|k| Err(internal_join(&e, k))).collect(),
+            Err(e) => {
+                return keys
+                    .iter()
+                    .map(|k| Err(internal_join("put", &e, k)))
+                    .collect();
+            }
         };
         // Steps 2 and 3, many at once.
         let committed: Vec<Result<PathBuf, BackendError>> =
@@ -408,7 +413,7 @@ impl Backend for FsBackend {
                 let dest = r?;
                 let dir = dest.parent().expect("keys have a parent");
                 match &flushed {
-                    Err(e) => Err(internal_join(e, key)),
+                    Err(e) => Err(internal_join("put", e, key)),
                     Ok(failed) => match failed.iter().find(|(d, _)| d == dir) {
                         None => Ok(()),
                         Some((d, e)) => Err(BackendError::new(
@@ -491,11 +496,16 @@ impl Backend for FsBackend {
 
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
         let path = self.path_of("delete", key)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BackendError::io("delete", key, e)),
-        }
+        tokio::task::spawn_blocking(move || {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                r => r?,
+            }
+            sync_dir(path.parent().expect("keys have a parent"))
+        })
+        .await
+        .map_err(|e| internal_join("delete", &e, key))?
+        .map_err(|e| BackendError::io("delete", key, e))
     }
 
     fn staging_dir(&self) -> Option<&Path> {

@@ -232,7 +232,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Keys that start with `prefix`, in no particular order.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
 
-    /// Remove `key`; removing an absent key succeeds.
+    /// Remove `key`; removing an absent key succeeds. Like a put, durable when it returns, so
+    /// that removals made one after another survive a crash in that order.
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
 
     /// One page of the cache's keys in order, in **one request**: up to [`LIST_PAGE_MAX`]

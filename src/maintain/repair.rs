@@ -317,7 +317,8 @@ pub async fn repair(
         });
         out.removed.push(key.clone());
     }
-    backend.sync().await.map_err(backend_err)?;
+    // Each delete is durable when it returns (the backend contract), so the order above is
+    // the order a crash can leave.
     Ok(out)
 }
 
