@@ -36,6 +36,9 @@ pub struct Config {
     /// Skip paths signed by these key names: they are available upstream.
     #[serde(default)]
     pub skip_signed_by: Vec<String>,
+    /// Also publish the build logs of the derivations the daemon publishes the outputs of.
+    #[serde(default)]
+    pub upload_logs: bool,
     #[serde(default = "defaults::socket")]
     pub socket: PathBuf,
     #[serde(default = "defaults::queue_dir")]

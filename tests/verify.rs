@@ -368,7 +368,11 @@ fn an_unsigned_content_addressed_path_is_whole_as_nix_takes_it() {
         || out
             .stderr
             .contains("Assertion 'storePathForDst == storePathForSrc' failed");
-    assert!(refused, "Nix should have refused the forged path: {}", out.report());
+    assert!(
+        refused,
+        "Nix should have refused the forged path: {}",
+        out.report()
+    );
     assert!(!valid_in_root(&root, &c.text), "{}", out.report());
 }
 

@@ -71,6 +71,7 @@ async fn serve(
         force: false,
         keys,
         skip_signed_by: cfg.skip_signed_by.clone(),
+        logs: cfg.upload_logs,
     };
     let listener = match inherited {
         Some(fd) => {

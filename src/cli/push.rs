@@ -52,6 +52,10 @@ pub struct PushArgs {
     /// Also read paths from standard input, one per line (or whitespace-separated).
     #[arg(long)]
     stdin: bool,
+    /// Also publish the build logs of the derivations that produced the pushed paths, where
+    /// this machine's Nix kept them, so that `nix log --store CACHE DRV` prints them.
+    #[arg(long)]
+    logs: bool,
     /// Store paths, paths inside them, or symlinks to them such as `./result`.
     /// A `.drv` also pushes its built outputs. `-` reads standard input.
     paths: Vec<String>,
@@ -175,6 +179,7 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         force: args.force,
         keys,
         skip_signed_by: args.skip_signed_by.clone(),
+        logs: args.logs,
     };
     let progress = Progress::new(sd.clone());
     let pusher = Pusher::new(Arc::new(store), backend.clone(), opts);
@@ -204,10 +209,21 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     if s.upstream > 0 {
         line.push_str(&format!("; {} skipped as signed upstream", s.upstream));
     }
+    if args.logs {
+        line.push_str(&format!(
+            "; {} build log{}",
+            s.logs,
+            if s.logs == 1 { "" } else { "s" }
+        ));
+    }
     if !s.failed.is_empty() {
         line.push_str(&format!("; {} FAILED", s.failed.len()));
     }
     eprintln!("{line}");
+    // A log that could not be published leaves the paths published: a warning, not a failure.
+    for why in &s.log_failures {
+        eprintln!("nixpush: warning: {why}");
+    }
     if s.failed.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -244,6 +244,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         force: false,
         keys: signing,
         skip_signed_by: Vec::new(),
+        logs: false,
     };
     let mended = repair::repair(store, backend.clone(), &report, push, out.repair_sink()).await?;
     let after = verify::verify(&*backend, dir.as_deref(), &opts, out.quiet_sink())

@@ -21,6 +21,7 @@
 //!    wins and the second does not rewrite it. `force` overwrites.
 
 mod batch;
+pub mod logs;
 mod path;
 pub mod pipeline;
 pub mod plan;
@@ -57,6 +58,9 @@ pub struct PushOptions {
     pub keys: Vec<SecretKey>,
     /// Skip paths that carry a signature by one of these key names (they are available upstream).
     pub skip_signed_by: Vec<String>,
+    /// Also publish the build logs of the derivations that produced the published paths
+    /// (see [`logs`]).
+    pub logs: bool,
 }
 
 /// What happened, for progress displays.
@@ -93,6 +97,10 @@ pub struct Summary {
     pub file_bytes: u64,
     /// Paths that failed, each with why.
     pub failed: Vec<Failed>,
+    /// Build logs published (with [`PushOptions::logs`]).
+    pub logs: usize,
+    /// Build logs that could not be published, each with why (the paths are published).
+    pub log_failures: Vec<String>,
 }
 
 /// A path that could not be published, and why. The error is shared with the [`Event::Failed`]
@@ -319,10 +327,29 @@ impl Pusher {
             nar_bytes: to_push.values().map(|i| i.nar_size).sum(),
         });
 
+        let derivers: HashMap<StorePath, StorePath> = if self.opts.logs {
+            to_push
+                .values()
+                .filter_map(|i| Some((i.path.clone(), i.deriver.clone()?)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         // A path counts as published only once its narinfo is durable (every put and batch
         // returns durable), so the caller may forget the request next (the daemon removes its
         // queue entry).
         let results = self.publish_all(to_push, events).await;
+        let built: std::collections::BTreeSet<StorePath> = results
+            .iter()
+            .filter(|(_, _, r)| r.is_ok())
+            .filter_map(|(p, _, _)| derivers.get(p).cloned())
+            .collect();
+        if !built.is_empty() {
+            let sd = self.store.store_dir().clone();
+            let (n, failed) = logs::publish(&*self.backend, built, |d| sd.display(d)).await;
+            summary.logs = n;
+            summary.log_failures = failed.iter().map(ToString::to_string).collect();
+        }
         for (path, nar_size, outcome) in results {
             match outcome {
                 Ok(Outcome::Published { file_size }) => {
