@@ -17,11 +17,14 @@
 //! [`Writer`] makes a malformed archive impossible to write through its types: a [`Node`] is
 //! consumed by writing exactly one file, symlink or directory, a [`Directory`] checks that names
 //! come in order, and a file's contents must be exactly as long as announced.
-//! [`dump`] walks a path on disk into a writer.
+//! [`dump`] walks a path on disk into a writer. [`Lister`] reads a NAR's bytes as they stream
+//! past and lists its entries as Nix's `.ls` files do.
 
 mod dump;
+mod listing;
 
 pub use dump::{DumpError, dump};
+pub use listing::Lister;
 
 use std::io::{self, Read, Write};
 
