@@ -144,6 +144,16 @@ fn de_compression<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Compression,
     s.parse().map_err(serde::de::Error::custom)
 }
 
+/// A signing key named by `key-files`, where it is looked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFile {
+    /// The full path to read.
+    pub path: PathBuf,
+    /// For a relative entry, how it was resolved (for messages), e.g.
+    /// `"signing-key" next to the config file`.
+    pub relative_to: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The cause is part of the message and not also the `source()`, so that a report that
@@ -255,19 +265,39 @@ impl Config {
     }
 
     /// Key file paths, with relative ones resolved in `$CREDENTIALS_DIRECTORY` (systemd's
-    /// `LoadCredential=`), or else against the config file's directory.
-    pub fn resolved_key_files(&self, config_path: &Path) -> Vec<PathBuf> {
-        let base = std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(PathBuf::from)
-            .or_else(|| config_path.parent().map(Path::to_path_buf))
+    /// `LoadCredential=`), or else against the config file's directory (made absolute, so that
+    /// `--config config.toml` looks next to that file, and an error can name the full path).
+    pub fn resolved_key_files(&self, config_path: &Path) -> Vec<KeyFile> {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let config_dir = std::path::absolute(config_path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_default();
         self.key_files
             .iter()
             .map(|k| {
                 if k.is_absolute() {
-                    k.clone()
+                    KeyFile {
+                        path: k.clone(),
+                        relative_to: None,
+                    }
+                } else if let Some(dir) = &credentials {
+                    KeyFile {
+                        path: dir.join(k),
+                        relative_to: Some(format!(
+                            "{:?} in $CREDENTIALS_DIRECTORY ({})",
+                            k.display().to_string(),
+                            dir.display()
+                        )),
+                    }
                 } else {
-                    base.join(k)
+                    KeyFile {
+                        path: config_dir.join(k),
+                        relative_to: Some(format!(
+                            "{:?} next to the config file",
+                            k.display().to_string()
+                        )),
+                    }
                 }
             })
             .collect()

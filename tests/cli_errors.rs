@@ -437,3 +437,35 @@ fn a_path_that_is_not_valid_is_named() {
         &path,
     );
 }
+
+/// A relative `key-files` entry, as `config.example.toml` has it, is looked for next to the
+/// config file, and the error names the full path it tried, also for `--config` given as a
+/// relative path.
+#[test]
+fn relative_key_file_is_looked_for_next_to_the_config() {
+    let tmp = tempdir();
+    let dir = tmp.path().canonicalize().expect("canonical");
+    fs::write(
+        dir.join("config.toml"),
+        format!(
+            "key-files = [\"signing-key\"]\nsocket = \"{d}/s.sock\"\nqueue-dir = \"{d}/queue\"\n",
+            d = dir.display()
+        ),
+    )
+    .expect("write config");
+    let out = run_fail(
+        nixpush()
+            .current_dir(&dir)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .args(["daemon", "--config", "config.toml"]),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "key-files: \"signing-key\" next to the config file: cannot read key file \
+             {}/signing-key: No such file or directory (os error 2)",
+            dir.display()
+        ),
+        "No such file or directory",
+    );
+}

@@ -40,12 +40,18 @@ async fn serve(
     // Before the socket exists, so no request can see a daemon that SIGTERM would kill.
     let shutdown = shutdown_signal()?;
     let addr = Address::parse(&cfg.cache)?;
-    let mut key_files = cfg.resolved_key_files(config_path);
-    key_files.extend(addr.secret_key.clone());
-    let keys = key_files
-        .iter()
-        .map(|k| super::read_key(k))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut keys = Vec::new();
+    for k in cfg.resolved_key_files(config_path) {
+        let key = super::read_key(&k.path);
+        keys.push(match k.relative_to {
+            // Say where a relative name was looked for, so the fix is plain.
+            Some(how) => key.with_context(|| format!("key-files: {how}"))?,
+            None => key?,
+        });
+    }
+    if let Some(k) = &addr.secret_key {
+        keys.push(super::read_key(k)?);
+    }
     if let Some(c) = addr.compression {
         if c != cfg.compression {
             bail!(
