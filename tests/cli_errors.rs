@@ -469,3 +469,44 @@ fn relative_key_file_is_looked_for_next_to_the_config() {
         "No such file or directory",
     );
 }
+
+/// `nixpush-hook` with `NIXPUSH_CONFIG` naming a file that is not there says so, and what to
+/// do, and still never fails the build; it does not create the default queue directory on the
+/// strength of a missing config.
+#[test]
+fn hook_says_its_config_is_missing() {
+    let tmp = tempdir();
+    let missing = tmp.path().join("nonexistent.toml");
+    let default_queue = Path::new("/var/lib/nixpush/queue");
+    let queue_was_there = default_queue.exists();
+    let out = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nixpush-hook"))
+            .env("NIXPUSH_CONFIG", &missing)
+            .env("OUT_PATHS", &small_closure().leaf)
+            .env_remove("DRV_PATH"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", out.report());
+    let first = out.stderr.lines().next().unwrap_or_default();
+    assert_eq!(
+        first,
+        format!(
+            "nixpush hook: config {} does not exist (set NIXPUSH_CONFIG to the daemon's config, \
+             or install one at /etc/nixpush/config.toml); using the default socket \
+             /run/nixpush/nixpush.sock and queue directory /var/lib/nixpush/queue",
+            missing.display()
+        ),
+        "{}",
+        out.report()
+    );
+    if !queue_was_there {
+        assert!(!default_queue.exists(), "{}", out.report());
+        assert!(
+            out.stderr.contains(
+                "cannot write to /var/lib/nixpush/queue: it does not exist, and without a \
+                 config it is not created"
+            ),
+            "{}",
+            out.report()
+        );
+    }
+}

@@ -22,6 +22,12 @@ use crate::daemon::queue::Queue;
 
 /// Run the hook with the configuration at `config_path` (a missing file means the defaults).
 pub fn run(config_path: &Path) -> ExitCode {
+    // A missing file is a set-up mistake (a wrong NIXPUSH_CONFIG, a config not yet installed):
+    // say so, and do not create the default queue directory on its strength alone.
+    let missing = matches!(
+        std::fs::metadata(config_path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    );
     let cfg = match Config::load_unchecked(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -29,6 +35,16 @@ pub fn run(config_path: &Path) -> ExitCode {
             Config::default()
         }
     };
+    if missing {
+        eprintln!(
+            "nixpush hook: config {} does not exist (set NIXPUSH_CONFIG to the daemon's config, \
+             or install one at {}); using the default socket {} and queue directory {}",
+            config_path.display(),
+            crate::config::DEFAULT_PATH,
+            cfg.socket.display(),
+            cfg.queue_dir.display()
+        );
+    }
     let items = items_from_env();
     if items.is_empty() {
         eprintln!("nixpush hook: neither OUT_PATHS nor DRV_PATH is set; nothing to publish");
@@ -39,7 +55,15 @@ pub fn run(config_path: &Path) -> ExitCode {
         Ok(()) => return ExitCode::SUCCESS,
         Err(why) => why,
     };
-    match Queue::at(&cfg.queue_dir).enqueue_raw(&items) {
+    let queued = if missing && !cfg.queue_dir.is_dir() {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "it does not exist, and without a config it is not created",
+        ))
+    } else {
+        Queue::at(&cfg.queue_dir).enqueue_raw(&items)
+    };
+    match queued {
         Ok(name) => {
             eprintln!(
                 "nixpush hook: daemon not reachable ({why}); queued as {}",
