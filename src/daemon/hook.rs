@@ -5,7 +5,8 @@
 //! small, synchronous and quick: read `OUT_PATHS` (or, when Nix leaves it empty as 2.8.0 does,
 //! `DRV_PATH` as `<drv>^*`), hand the request to the daemon and wait for its acknowledgement
 //! that the request is durable. If the daemon is down or slow, write the queue entry directly
-//! (temporary file, then rename) and return. "Slow" is `hook.timeout-ms` for the whole
+//! (temporary file, then rename) and return; if it refuses the request, say what it said and
+//! do not queue it (a refusal is final). "Slow" is `hook.timeout-ms` for the whole
 //! exchange: the `connect` (which waits when the daemon's listen queue is full), sending the
 //! request and reading the answer. By default the hook never fails the build: if even
 //! that fails it says so on stderr and exits 0 (`hook.fail-build-on-error` changes this).
@@ -53,6 +54,19 @@ pub fn run(config_path: &Path) -> ExitCode {
     let timeout = Duration::from_millis(cfg.hook.timeout_ms.max(1));
     let why = match send(&cfg.socket, &items, timeout) {
         Ok(()) => return ExitCode::SUCCESS,
+        // A refusal is the daemon's answer, final for this request: queueing it would only
+        // have the daemon reject it again, later and out of sight.
+        Err(SendError::Refused(message)) => {
+            eprintln!(
+                "nixpush hook: the daemon at {} refused the request: {message}; not queued",
+                cfg.socket.display()
+            );
+            return if cfg.hook.fail_build_on_error {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
         Err(why) => why,
     };
     let queued = if missing && !cfg.queue_dir.is_dir() {
