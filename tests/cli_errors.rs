@@ -510,3 +510,50 @@ fn hook_says_its_config_is_missing() {
         );
     }
 }
+
+/// `--to http//x` (a URL with its colon lost) is refused with a hint and creates nothing; a
+/// plain relative path must start with `.`.
+#[test]
+fn a_mistyped_cache_address_is_refused_with_a_hint() {
+    let c = small_closure();
+    let tmp = tempdir();
+    let out = run_fail(nixpush().current_dir(tmp.path()).args([
+        "push",
+        "--no-sign",
+        "--to",
+        "http//x",
+        &c.leaf,
+    ]));
+    error_line_is(
+        &out,
+        "cache address \"http//x\" looks like a mistyped URL: did you mean \"http://x\"? \
+         (a plain directory path must be absolute or start with \".\")",
+        "mistyped",
+    );
+    let out = run_fail(nixpush().current_dir(tmp.path()).args([
+        "push",
+        "--no-sign",
+        "--to",
+        "cache",
+        &c.leaf,
+    ]));
+    error_line_is(
+        &out,
+        "cache address \"cache\": a plain directory path must be absolute or start with \".\" \
+         (did you mean \"./cache\"?)",
+        "plain directory path",
+    );
+    assert_eq!(
+        fs::read_dir(tmp.path()).expect("read").count(),
+        0,
+        "nothing is created"
+    );
+    run_ok(nixpush().current_dir(tmp.path()).args([
+        "push",
+        "--no-sign",
+        "--to",
+        "./cache",
+        &c.leaf,
+    ]));
+    assert!(!narinfo_files(&tmp.path().join("cache")).is_empty());
+}
