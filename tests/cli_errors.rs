@@ -557,3 +557,49 @@ fn a_mistyped_cache_address_is_refused_with_a_hint() {
     ]));
     assert!(!narinfo_files(&tmp.path().join("cache")).is_empty());
 }
+
+/// A public key given as the secret one is called that; a secret key others can read is used,
+/// with a warning that names it and the fix.
+#[test]
+fn key_file_mistakes_are_named() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let c = small_closure();
+    let tmp = tempdir();
+    let keys = nixpush_keygen(tmp.path(), "key-mistakes.example.org-1");
+    let cache = format!("file://{}", tmp.path().join("cache").display());
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--to", &cache, "--key-file"])
+            .arg(&keys.public)
+            .arg(&c.leaf),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "key file {} is not a secret key: key \"key-mistakes.example.org-1\" is a public \
+             key (32 bytes); the secret key (64 bytes) is the other file of the pair",
+            keys.public.display()
+        ),
+        "public key",
+    );
+
+    fs::set_permissions(&keys.secret, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run_ok(
+        nixpush()
+            .args(["push", "--to", &cache, "--key-file"])
+            .arg(&keys.secret)
+            .arg(&c.leaf),
+    );
+    let warning = format!(
+        "nixpush: warning: other users have access to secret key file {k} (mode 0644); run \
+         `chmod 600 {k}`",
+        k = keys.secret.display()
+    );
+    assert_eq!(
+        out.stderr.lines().filter(|l| *l == warning).count(),
+        1,
+        "{}",
+        out.report()
+    );
+    assert!(!narinfo_files(&tmp.path().join("cache")).is_empty());
+}

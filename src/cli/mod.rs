@@ -82,10 +82,24 @@ pub fn init_tracing(verbose: u8, default: &str) {
 }
 
 pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
+    use std::os::unix::fs::PermissionsExt as _;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read key file {}", path.display()))?;
-    SecretKey::parse(&text)
-        .with_context(|| format!("key file {} is not a secret key", path.display()))
+    let key = SecretKey::parse(&text)
+        .with_context(|| format!("key file {} is not a secret key", path.display()))?;
+    // Used all the same (it may be on purpose, and refusing would stop a service at a bad
+    // moment), but said: anyone who can read it can sign as this cache.
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "nixpush: warning: other users have access to secret key file {p} (mode {mode:04o}); \
+                 run `chmod 600 {p}`",
+                p = path.display()
+            );
+        }
+    }
+    Ok(key)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
