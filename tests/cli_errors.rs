@@ -603,3 +603,31 @@ fn key_file_mistakes_are_named() {
     );
     assert!(!narinfo_files(&tmp.path().join("cache")).is_empty());
 }
+
+/// `status` with no daemon says that it is not running, where, and how to start it; with
+/// `--json` it prints a JSON error object too, for scripts.
+#[test]
+fn status_without_a_daemon_says_how_to_start_it() {
+    let tmp = tempdir();
+    let socket = tmp.path().join("nixpush.sock");
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, format!("socket = \"{}\"\n", socket.display())).expect("config");
+    let expected = format!(
+        "the daemon is not running at {} (No such file or directory (os error 2)); start it \
+         with `systemctl start nixpush.service` or `nixpush daemon`",
+        socket.display()
+    );
+    let out = run_fail(nixpush().arg("status").arg("--config").arg(&config));
+    error_line_is(&out, &expected, "No such file or directory");
+    assert_eq!(out.stdout, "", "{}", out.report());
+
+    let out = run_fail(
+        nixpush()
+            .args(["status", "--json", "--config"])
+            .arg(&config),
+    );
+    error_line_is(&out, &expected, "No such file or directory");
+    let json: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.report()));
+    assert_eq!(json, serde_json::json!({ "error": expected }));
+}

@@ -1209,3 +1209,48 @@ fn worker_threads_run_below_the_request_handlers() {
     );
     daemon.terminate(Duration::from_secs(20));
 }
+
+/// `nixpush status` is written for people: counts with their plurals, errors stamped with a UTC
+/// time; and the daemon removes its socket when SIGTERM stops it.
+#[test]
+fn status_reads_as_sentences_and_the_socket_goes_with_the_daemon() {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    setup.write_entry("outside", "/etc/passwd\n");
+    wait_until(
+        PATIENCE,
+        || format!("rejection; rejected/: {:?}", setup.rejected()),
+        || setup.rejected().len() == 2,
+    );
+    let out = run_ok(nixpush().arg("status").arg("--config").arg(&setup.config));
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines.contains(&"queue depth: 0 entries"),
+        "{}",
+        out.report()
+    );
+    assert!(lines.contains(&"in flight:   0 paths"), "{}", out.report());
+    let errors = lines
+        .iter()
+        .position(|l| *l == "last errors:")
+        .unwrap_or_else(|| panic!("no errors listed: {}", out.report()));
+    let first = lines[errors + 1];
+    // `  2026-12-02 00:45:55 UTC  rejected ...`
+    let stamp = &first[2..25];
+    let shape: String = stamp
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '0' } else { c })
+        .collect();
+    assert_eq!(shape, "0000-00-00 00:00:00 UTC", "{}", out.report());
+    assert!(first[25..].starts_with("  "), "{}", out.report());
+    assert!(first.contains("/etc/passwd"), "{}", out.report());
+
+    assert!(setup.socket.exists());
+    let status = daemon.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    assert!(
+        !setup.socket.exists(),
+        "the socket {} is left after SIGTERM",
+        setup.socket.display()
+    );
+}

@@ -78,6 +78,8 @@ async fn serve(
         keys,
         skip_signed_by: cfg.skip_signed_by.clone(),
     };
+    // The socket file we bind, to remove on a clean exit; systemd's is systemd's to keep.
+    let mut ours = None;
     let listener = match inherited {
         Some(fd) => {
             let std_listener = std::os::unix::net::UnixListener::from(fd);
@@ -86,7 +88,11 @@ async fn serve(
             tokio::net::UnixListener::from_std(std_listener)
                 .context("cannot use the socket passed by systemd")?
         }
-        None => bind(&cfg.socket, cfg.socket_mode()?)?,
+        None => {
+            let listener = bind(&cfg.socket, cfg.socket_mode()?)?;
+            ours = OurSocket::note(&cfg.socket);
+            listener
+        }
     };
     let settings = Settings {
         queue_dir: cfg.queue_dir.clone(),
@@ -96,8 +102,44 @@ async fn serve(
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
     };
     let pusher = Pusher::new(store, backend, opts);
-    daemon::run(pusher, settings, listener, shutdown).await?;
+    let result = daemon::run(pusher, settings, listener, shutdown).await;
+    if let Some(socket) = ours {
+        socket.remove();
+    }
+    result?;
     Ok(())
+}
+
+/// The socket file this daemon made, known by its inode, so that a clean exit removes it only
+/// if it is still ours (not one a newer daemon has bound at the same path since).
+struct OurSocket {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl OurSocket {
+    fn note(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    fn remove(self) {
+        use std::os::unix::fs::MetadataExt as _;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(socket = %self.path.display(), error = %e, "cannot remove the socket");
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {

@@ -102,6 +102,15 @@ pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
     Ok(key)
 }
 
+/// Write `text` to standard output, all of it, flushed.
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to standard output")
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
