@@ -631,3 +631,47 @@ fn status_without_a_daemon_says_how_to_start_it() {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.report()));
     assert_eq!(json, serde_json::json!({ "error": expected }));
 }
+
+/// A reader that closes its end early (`nixpush status --json | head -c1`) ends the command
+/// quietly: no panic, no error line. Also `--help` into a closed pipe.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let tmp = tempdir();
+    let socket = tmp.path().join("nixpush.sock");
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, format!("socket = \"{}\"\n", socket.display())).expect("config");
+    for args in [
+        vec![
+            "status".to_owned(),
+            "--json".to_owned(),
+            "--config".to_owned(),
+            config.display().to_string(),
+        ],
+        vec!["push".to_owned(), "--help".to_owned()],
+    ] {
+        let mut child = nixpush()
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // Close the read end before the command writes.
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        let status = child.wait().expect("wait");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {status}: {stderr}"
+        );
+        assert!(status.code().is_some(), "{args:?}: killed: {status}");
+    }
+}

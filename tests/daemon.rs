@@ -1245,6 +1245,26 @@ fn status_reads_as_sentences_and_the_socket_goes_with_the_daemon() {
     assert!(first[25..].starts_with("  "), "{}", out.report());
     assert!(first.contains("/etc/passwd"), "{}", out.report());
 
+    // `nixpush status --json | head -c1`: the reader goes away; the command ends quietly.
+    let mut child = nixpush()
+        .args(["status", "--json", "--config"])
+        .arg(&setup.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn status");
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().expect("status");
+    assert_eq!(
+        (
+            closed.status.code(),
+            String::from_utf8_lossy(&closed.stderr).as_ref()
+        ),
+        (Some(0), ""),
+        "status into a closed pipe"
+    );
+
     assert!(setup.socket.exists());
     let status = daemon.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status}");

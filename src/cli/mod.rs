@@ -102,13 +102,20 @@ pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
     Ok(key)
 }
 
-/// Write `text` to standard output, all of it, flushed.
+/// Standard output was closed by its reader (`nixpush status --json | head -c1`): not an
+/// error to report, the command just ends (see `main`).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+pub struct StdoutClosed;
+
+/// Write `text` to standard output, all of it, flushed. A closed pipe is [`StdoutClosed`].
 pub fn print_stdout(text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .context("cannot write to standard output")
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => r.context("cannot write to standard output"),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
