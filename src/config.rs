@@ -178,6 +178,43 @@ pub enum ConfigError {
 #[error("{0:?} is not an octal mode like \"0660\"")]
 pub struct BadSocketMode(pub String);
 
+/// For serde's ``unknown field `compresion`, expected one of `cache`, ...``: the expected key
+/// closest to the unknown one, if it is close enough to be the one meant (at most two edits,
+/// and fewer than half its letters).
+fn did_you_mean(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, rest) = rest.split_once('`')?;
+    let expected = rest.split_once("expected")?.1;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (edit_distance(unknown, k), k))
+        .filter(|&(d, _)| d <= 2 && d * 2 < unknown.len().max(1))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 impl Config {
     /// Read and validate `path`. With `must_exist` false, a missing file means the defaults.
     pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
@@ -214,9 +251,15 @@ impl Config {
     }
 
     fn parse_unchecked(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string().trim_end().to_owned();
+            if let Some(hint) = did_you_mean(e.message()) {
+                message.push_str(&format!("\ndid you mean `{hint}`?"));
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            }
         })
     }
 
@@ -343,6 +386,19 @@ mod tests {
         .to_string();
         assert!(e.contains("compresion"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+        assert!(e.ends_with("\ndid you mean `compression`?"), "{e}");
+        // In a table too; and nothing is suggested for a key unlike any.
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\n[hook]\ntimeout-msec = 5\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.ends_with("did you mean `timeout-ms`?"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "allow-unsigned = true\nzzz = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("did you mean"), "{e}");
     }
 
     #[test]

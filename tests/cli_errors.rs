@@ -675,3 +675,58 @@ fn a_closed_pipe_ends_a_command_quietly() {
         assert!(status.code().is_some(), "{args:?}: killed: {status}");
     }
 }
+
+/// A `./result` that is not there is said to be missing (not "not in the Nix store"); `-j 0`
+/// is refused; an unknown config key gets the one probably meant.
+#[test]
+fn small_mistakes_get_plain_answers() {
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let out = run_fail(
+        nixpush()
+            .current_dir(tmp.path())
+            .args(["push", "--no-sign", "--to"])
+            .arg(&cache)
+            .arg("./nonexistent-result"),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "\"./nonexistent-result\" ({}) does not exist",
+            tmp.path().join("nonexistent-result").display()
+        ),
+        "does not exist",
+    );
+
+    let c = small_closure();
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--no-sign", "-j", "0", "--to"])
+            .arg(&cache)
+            .arg(&c.leaf),
+    );
+    assert!(
+        out.stderr
+            .starts_with("error: invalid value '0' for '--jobs <N>': must be at least 1\n"),
+        "{}",
+        out.report()
+    );
+    assert!(!cache.exists(), "{}", out.report());
+
+    let config = tmp.path().join("config.toml");
+    fs::write(
+        &config,
+        "allow-unsigned = true\n\n[hook]\ntimeout-msec = 5\n",
+    )
+    .expect("config");
+    let out = run_fail(nixpush().arg("daemon").arg("--config").arg(&config));
+    assert!(
+        out.stderr.contains("unknown field `timeout-msec`")
+            && out
+                .stderr
+                .trim_end()
+                .ends_with("\ndid you mean `timeout-ms`?"),
+        "{}",
+        out.report()
+    );
+}

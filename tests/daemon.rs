@@ -1274,3 +1274,29 @@ fn status_reads_as_sentences_and_the_socket_goes_with_the_daemon() {
         setup.socket.display()
     );
 }
+
+/// The log tells the start-up in the order it happens (started, then ready), and `-v` gives
+/// the daemon more than its log-level's info: debug.
+#[test]
+fn the_start_up_log_is_in_order_and_v_means_debug() {
+    let setup = Setup::new("");
+    let text = setup
+        .config_text("")
+        .replace("log-level = \"nixpush=debug\"", "log-level = \"info\"");
+    fs::write(&setup.config, text).expect("config");
+    let mut cmd = setup.daemon_command();
+    cmd.arg("-v").env_remove("NIXPUSH_LOG");
+    let daemon = setup.start_with(cmd);
+    wait_until(
+        PATIENCE,
+        || format!("ready in the log: {}", log_tail(&setup.log)),
+        || fs::read_to_string(&setup.log).is_ok_and(|l| l.contains("cache answered; ready")),
+    );
+    setup.status();
+    daemon.terminate(Duration::from_secs(30));
+    let log = fs::read_to_string(&setup.log).expect("log");
+    let started = log.find("nixpush daemon started").expect("started");
+    let ready = log.find("cache answered; ready").expect("ready");
+    assert!(started < ready, "ready before started:\n{log}");
+    assert!(log.contains(" DEBUG "), "-v gave no debug lines:\n{log}");
+}

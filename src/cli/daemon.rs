@@ -27,7 +27,13 @@ pub fn run(args: DaemonArgs, verbose: u8) -> anyhow::Result<ExitCode> {
     let inherited = nixpush::daemon::systemd::listen_fd()?;
     let (path, explicit) = args.config.path();
     let cfg = Config::load(&path, explicit)?;
-    super::init_tracing(verbose, &cfg.log_level);
+    // The daemon's default is its log-level (info), so -v starts one step further.
+    let directive = match verbose {
+        0 => cfg.log_level.as_str(),
+        1 => "debug",
+        _ => "trace",
+    };
+    super::init_tracing(0, directive);
     super::runtime()?.block_on(serve(cfg, &path, inherited))?;
     Ok(ExitCode::SUCCESS)
 }

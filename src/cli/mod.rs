@@ -21,7 +21,8 @@ use nixpush::formats::signing::SecretKey;
     about = "Publish Nix store paths to binary caches"
 )]
 pub struct Cli {
-    /// More log output (-v: info, -vv: debug). NIXPUSH_LOG takes an EnvFilter directive.
+    /// More log output: -v info, -vv debug; for `daemon`, which logs at its log-level (info)
+    /// already, -v debug, -vv trace. NIXPUSH_LOG takes an EnvFilter directive instead.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     #[command(subcommand)]

@@ -40,7 +40,7 @@ pub struct PushArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     compression_level: Option<i32>,
     /// Paths compressed and uploaded at once [default: number of CPUs].
-    #[arg(long, short = 'j', value_name = "N")]
+    #[arg(long, short = 'j', value_name = "N", value_parser = at_least_one)]
     jobs: Option<usize>,
     /// Re-upload paths already in the cache and rewrite their narinfos.
     #[arg(long)]
@@ -55,6 +55,15 @@ pub struct PushArgs {
     /// Store paths, paths inside them, or symlinks to them such as `./result`.
     /// A `.drv` also pushes its built outputs. `-` reads standard input.
     paths: Vec<String>,
+}
+
+/// A count of at least 1 (`-j 0` would push nothing, forever).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Lexically clean an absolute path: drop `.`, apply `..`.
@@ -92,13 +101,26 @@ fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
         }
         // Not in the store, and not there at all: say the first, which is the problem
         // (`/nix/store/../etc` names `/nix/etc`), with the second as its cause.
-        let meta = std::fs::symlink_metadata(&p).with_context(|| {
-            format!(
-                "{arg:?} ({}) is not in the Nix store {}",
-                p.display(),
-                store_dir.as_str()
-            )
-        })?;
+        let meta = match std::fs::symlink_metadata(&p) {
+            Ok(meta) => meta,
+            // `./result` from a build that has not run: that it is missing is the news.
+            // (A path written in the store, `/nix/store/../etc`, still hears of the store.)
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !arg.starts_with(store_dir.as_str()) =>
+            {
+                bail!("{arg:?} ({}) does not exist", p.display())
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{arg:?} ({}) is not in the Nix store {}",
+                        p.display(),
+                        store_dir.as_str()
+                    )
+                });
+            }
+        };
         if !meta.file_type().is_symlink() {
             bail!(
                 "{arg:?} ({}) is not in the Nix store {}",
