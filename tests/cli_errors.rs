@@ -730,3 +730,68 @@ fn small_mistakes_get_plain_answers() {
         out.report()
     );
 }
+
+/// `DRV^*` is understood on the command line as Nix understands it (the outputs, not the
+/// `.drv`); a derivation that is not built is an error naming it and saying to build it first.
+#[test]
+fn derivation_outputs_must_be_built() {
+    let drv = unbuilt_drv();
+    let out_path =
+        run_ok(std::process::Command::new("nix-store").args(["--query", "--outputs", &drv]))
+            .stdout
+            .trim()
+            .to_owned();
+    let expected = format!(
+        "derivation {drv} is not built (output out ({out_path})); build it first, e.g. \
+         `nix-store --realise {drv}`"
+    );
+    for arg in [drv.clone(), format!("{drv}^*")] {
+        let tmp = tempdir();
+        let cache = tmp.path().join("cache");
+        let out = run_fail(
+            nixpush()
+                .args(["push", "--no-sign", "--to"])
+                .arg(&cache)
+                .arg(&arg),
+        );
+        error_line_is(&out, &expected, "is not built");
+        assert_eq!(narinfo_files(&cache), Vec::<String>::new());
+    }
+
+    // Built: `^*` publishes the outputs and their closures, not the derivation.
+    let c = small_closure();
+    let deriver =
+        run_ok(std::process::Command::new("nix-store").args(["--query", "--deriver", &c.leaf]))
+            .stdout
+            .trim()
+            .to_owned();
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let out = run_ok(
+        nixpush()
+            .args(["push", "--no-sign", "--to"])
+            .arg(&cache)
+            .arg(format!("{deriver}^*")),
+    );
+    assert_eq!(
+        narinfo_files(&cache),
+        vec![format!("{}.narinfo", hash_part(&c.leaf))],
+        "{}",
+        out.report()
+    );
+    // `^*` after something else is said to be wrong as such.
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--no-sign", "--to"])
+            .arg(&cache)
+            .arg(format!("{}^*", c.leaf)),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "\"{}^*\": `^*` (all outputs) follows a path that is not a .drv",
+            c.leaf
+        ),
+        "not a .drv",
+    );
+}

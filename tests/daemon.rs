@@ -1300,3 +1300,38 @@ fn the_start_up_log_is_in_order_and_v_means_debug() {
     assert!(started < ready, "ready before started:\n{log}");
     assert!(log.contains(" DEBUG "), "-v gave no debug lines:\n{log}");
 }
+
+/// A queue entry `DRV^*` for a derivation that is not built is rejected with that reason
+/// (naming the derivation, saying to build it first), logged and counted, not dropped.
+#[test]
+fn an_unbuilt_derivation_is_rejected_with_the_reason() {
+    let setup = Setup::new("");
+    let drv = unbuilt_drv();
+    let daemon = setup.start();
+    setup.write_entry("unbuilt", &format!("{drv}^*\n"));
+    wait_until(
+        PATIENCE,
+        || format!("rejection; rejected/: {:?}", setup.rejected()),
+        || setup.rejected().len() == 2,
+    );
+    let reason = fs::read_to_string(setup.queue.join("rejected/unbuilt.reason")).expect("reason");
+    assert!(
+        reason.contains(&format!("derivation {drv} is not built (output out ("))
+            && reason.contains(&format!("build it first, e.g. `nix-store --realise {drv}`")),
+        "{reason}"
+    );
+    let st = setup.status();
+    assert_eq!(st["rejected"], 1, "{st}");
+    let last = st["last_errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("unbuilt") && last.contains("is not built"),
+        "{st}"
+    );
+    drop(daemon);
+    let log = fs::read_to_string(&setup.log).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("rejecting queue entry") && l.contains("is not built")),
+        "{log}"
+    );
+}

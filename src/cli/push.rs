@@ -53,7 +53,8 @@ pub struct PushArgs {
     #[arg(long)]
     stdin: bool,
     /// Store paths, paths inside them, or symlinks to them such as `./result`.
-    /// A `.drv` also pushes its built outputs. `-` reads standard input.
+    /// A `.drv` also pushes its outputs, `DRV^*` only its outputs; they must be built.
+    /// `-` reads standard input.
     paths: Vec<String>,
 }
 
@@ -173,6 +174,15 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     // A `.drv` stands for itself and its built outputs, as with nix-push's --include-outputs.
     let mut roots = BTreeSet::new();
     for r in &raw {
+        // `drv^*`: the derivation's outputs (not the `.drv`), as Nix's installables say it.
+        if let Some(drv) = r.strip_suffix("^*") {
+            let path = resolve(&sd, drv)?;
+            if !path.is_derivation() {
+                bail!("{r:?}: `^*` (all outputs) follows a path that is not a .drv");
+            }
+            roots.insert(Root::Outputs(path));
+            continue;
+        }
         let path = resolve(&sd, r)?;
         if path.is_derivation() {
             roots.insert(Root::Outputs(path.clone()));
