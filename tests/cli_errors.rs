@@ -795,3 +795,64 @@ fn derivation_outputs_must_be_built() {
         "not a .drv",
     );
 }
+
+/// Ctrl-C during a push stops it and removes the temporary files it staged in the cache's
+/// `nar/`; the exit code is the shell's for SIGINT.
+#[test]
+fn an_interrupted_push_leaves_no_temporary_files() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let c = full_closure();
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let temps = |cache: &Path| -> Vec<String> {
+        nar_files(cache)
+            .into_iter()
+            .filter(|n| n.starts_with(".nixpush-") && n.ends_with(".tmp"))
+            .collect()
+    };
+    let mut child = nixpush()
+        .args([
+            "push",
+            "--no-sign",
+            "--compression",
+            "xz",
+            "-j",
+            "1",
+            "--to",
+        ])
+        .arg(&cache)
+        .arg(&c.big)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn push");
+    let start = Instant::now();
+    while temps(&cache).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no temporary file appeared in {}/nar",
+            cache.display()
+        );
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "push ended early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Our own child, by its PID.
+    run_ok(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(
+            "nixpush: interrupted; stopping and removing temporary files (what was published \
+             is complete; push again to go on)"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(temps(&cache), Vec::<String>::new(), "{stderr}");
+    assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
+}

@@ -135,6 +135,32 @@ fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
     bail!("{arg:?}: too many levels of symbolic links")
 }
 
+/// Completes on the first SIGINT or SIGTERM with the exit code a shell gives a program killed
+/// by it (130, 143). A second signal, while the temporaries are being removed, kills the
+/// program as usual.
+fn interrupted() -> anyhow::Result<impl std::future::Future<Output = u8>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        // Tokio's handlers stay installed for the life of the process, so without this a
+        // second Ctrl-C would do nothing while a large NAR finishes compressing.
+        #[allow(unsafe_code)]
+        // SAFETY: signal(2) with SIG_DFL only sets the disposition back to the default; no
+        // handler of ours runs. Tokio's handler is then no longer called, which it tolerates
+        // (it just hears of no more signals; nothing waits for one after this).
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        }
+        code
+    })
+}
+
 pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let addr = Address::parse(&args.to)?;
@@ -211,7 +237,21 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     let progress = Progress::new(sd.clone());
     let pusher = Pusher::new(Arc::new(store), backend.clone(), opts);
     let roots = pusher.resolve(&roots).await?;
-    let summary = pusher.push(&roots, progress.sink()).await;
+    // On SIGINT or SIGTERM, stop: the push is dropped here, and the runtime's shutdown (when
+    // `run` returns) drops its tasks and waits for the compressions under way, so every staged
+    // temporary file (a `TempPath`) is removed. What was published is complete, as always.
+    let interrupted = interrupted()?;
+    let summary = tokio::select! {
+        s = pusher.push(&roots, progress.sink()) => s,
+        code = interrupted => {
+            progress.finish();
+            eprintln!(
+                "nixpush: interrupted; stopping and removing temporary files (what was \
+                 published is complete; push again to go on)"
+            );
+            return Ok(ExitCode::from(code));
+        }
+    };
     progress.finish();
     let s = summary?;
 
