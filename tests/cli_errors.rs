@@ -856,3 +856,131 @@ fn an_interrupted_push_leaves_no_temporary_files() {
     assert_eq!(temps(&cache), Vec::<String>::new(), "{stderr}");
     assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
 }
+
+const COMMANDS: [&str; 8] = [
+    "push",
+    "keygen",
+    "daemon",
+    "hook",
+    "status",
+    "help",
+    "completions",
+    "man",
+];
+
+/// Every command's `--help` ends with examples of it, as `nix copy --help` does; `push --to`
+/// lists every kind of address; `nixpush help --help` is help about `help`.
+#[test]
+fn every_command_has_help_with_examples() {
+    for c in COMMANDS {
+        let out = run_ok(nixpush().args([c, "--help"]));
+        let examples = out
+            .stdout
+            .split_once("\nExamples:\n")
+            .unwrap_or_else(|| panic!("no examples: {}", out.report()))
+            .1;
+        assert!(
+            examples.contains(&format!("nixpush {c}")) || c == "hook",
+            "the examples of {c} show no `nixpush {c}`: {}",
+            out.report()
+        );
+    }
+    let push = run_ok(nixpush().args(["push", "--help"])).stdout;
+    for kind in [
+        "file:///dir",
+        "plain directory path",
+        "s3://bucket",
+        "http(s)://host/path",
+        "sftp://[user@]host[:port]/path",
+        "gs://bucket",
+    ] {
+        assert!(push.contains(kind), "push --help lacks {kind:?}:\n{push}");
+    }
+    assert_eq!(run_ok(nixpush().args(["help", "push"])).stdout, push);
+    let out = run_ok(nixpush().args(["help", "--help"]));
+    assert!(
+        out.stdout
+            .starts_with("Print help about nixpush or one of its commands\n"),
+        "{}",
+        out.report()
+    );
+    let out = run_fail(nixpush().args(["help", "pusj"]));
+    error_line_is(
+        &out,
+        "no command \"pusj\"; the commands are: push, keygen, daemon, hook, status, help, \
+         completions, man",
+        "pusj",
+    );
+}
+
+/// `nixpush-hook --help` and `--version` answer, and do not run the hook.
+#[test]
+fn the_hook_program_has_help_and_a_version() {
+    let hook = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_nixpush-hook"));
+        c.env("OUT_PATHS", "/nonexistent")
+            .env("NIXPUSH_CONFIG", "/nonexistent.toml");
+        c
+    };
+    for arg in ["--help", "-h"] {
+        let out = run_ok(hook().arg(arg));
+        assert!(
+            out.stdout.starts_with(
+                "Nix's post-build-hook: hand the finished build to the nixpush daemon. Never \
+                 fails the build.\n\nUsage: nixpush-hook\n"
+            ) && out
+                .stdout
+                .contains("post-build-hook = /usr/local/bin/nixpush-hook"),
+            "{}",
+            out.report()
+        );
+        assert_eq!(out.stderr, "", "the hook ran: {}", out.report());
+    }
+    let out = run_ok(hook().arg("--version"));
+    assert_eq!(
+        out.stdout,
+        format!("nixpush-hook {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(out.stderr, "", "the hook ran: {}", out.report());
+    let out = run_fail(hook().arg("--frobnicate"));
+    assert_eq!(
+        out.stderr.trim_end(),
+        "nixpush-hook: unexpected argument \"--frobnicate\": Nix runs this hook without \
+         arguments (see nixpush-hook --help)",
+        "{}",
+        out.report()
+    );
+}
+
+/// Shell completions and man pages, generated from the same definitions as the parser, name
+/// every command.
+#[test]
+fn completions_and_man_pages_name_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ok(nixpush().args(["completions", shell]));
+        assert!(out.stdout.len() > 1000, "{shell}: {}", out.report());
+        for c in COMMANDS {
+            assert!(out.stdout.contains(c), "{shell} completions lack {c}");
+        }
+        let to = if shell == "fish" { "-l to" } else { "--to" };
+        assert!(out.stdout.contains(to), "{shell} completions lack --to");
+    }
+    let man = run_ok(nixpush().arg("man")).stdout;
+    assert!(
+        man.contains(&format!(
+            ".TH nixpush 1  \"nixpush {}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{man}"
+    );
+    for c in COMMANDS {
+        assert!(
+            man.contains(&format!("nixpush\\-{c}(1)")),
+            "nixpush(1) lacks {c}:\n{man}"
+        );
+    }
+    let push = run_ok(nixpush().args(["man", "push"])).stdout;
+    assert!(push.contains(".TH nixpush-push 1"), "{push}");
+    assert!(push.contains("sftp://"), "{push}");
+    assert!(push.contains("Examples:"), "{push}");
+}

@@ -17,6 +17,13 @@ use nixpush::store::NixStore;
 use super::ConfigArg;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  As systemd runs it (see systemd/nixpush.service):
+    nixpush daemon --config /etc/nixpush/config.toml
+
+  In the foreground with debug logs, to try a configuration:
+    nixpush -v daemon --config ./config.toml")]
 pub struct DaemonArgs {
     #[command(flatten)]
     config: ConfigArg,

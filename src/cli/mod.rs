@@ -1,6 +1,7 @@
 //! Command-line interface: thin glue from arguments to the library.
 
 mod daemon;
+mod docs;
 mod hook;
 mod keygen;
 mod progress;
@@ -18,7 +19,17 @@ use nixpush::formats::signing::SecretKey;
 #[command(
     name = "nixpush",
     version,
-    about = "Publish Nix store paths to binary caches"
+    propagate_version = true,
+    about = "Publish Nix store paths to binary caches",
+    // Our own `help`, so that `nixpush help --help` is help about `help`.
+    disable_help_subcommand = true,
+    after_help = "\
+Examples:
+  nixpush keygen cache.example.org-1 signing-key signing-key.pub
+  nixpush push --to file:///srv/cache --key-file signing-key ./result
+  nixpush status
+
+See `nixpush help COMMAND` for each command's options and examples."
 )]
 pub struct Cli {
     /// More log output: -v info, -vv debug; for `daemon`, which logs at its log-level (info)
@@ -41,6 +52,12 @@ enum Command {
     Hook(hook::HookArgs),
     /// Ask the daemon how it is doing.
     Status(status::StatusArgs),
+    /// Print help about nixpush or one of its commands.
+    Help(docs::HelpArgs),
+    /// Print a shell's completion script for nixpush (bash, zsh, fish, ...).
+    Completions(docs::CompletionsArgs),
+    /// Print the man page of nixpush, or of one of its commands, in roff.
+    Man(docs::ManArgs),
 }
 
 /// The configuration file named on the command line or in the environment, else the default.
@@ -138,5 +155,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(push::run(args))
         }
         Command::Daemon(args) => daemon::run(args, cli.verbose),
+        Command::Help(args) => docs::help(args),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }

@@ -18,12 +18,33 @@ use nixpush::store::{NixStore, Store as _};
 
 use super::progress::Progress;
 
+const EXAMPLES: &str = "\
+Examples:
+  Push ./result and its closure into a local directory cache, signed:
+    nixpush push --to file:///srv/cache --key-file /etc/nixpush/signing-key ./result
+
+  Push a whole closure, the paths read from standard input:
+    nix-store -qR ./result | nixpush push --to /srv/cache --key-file key.sec --stdin
+
+  Push the outputs of a built derivation to S3, compressed with xz:
+    nixpush push --to 's3://my-cache?region=eu-west-1&compression=xz' \\
+      --key-file key.sec /nix/store/...-hello-2.12.drv^*
+
+  Push to a directory on an SSH server, and to Google Cloud Storage:
+    nixpush push --to 'sftp://nix@cache.example/srv/cache?identity=/etc/nixpush/ssh-key' \\
+      --key-file key.sec ./result
+    nixpush push --to 'gs://my-bucket/nix?credentials=sa.json' --key-file key.sec ./result";
+
 #[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
 pub struct PushArgs {
-    /// The cache: `file:///dir` (or a plain directory path), `s3://bucket[/prefix]`
-    /// (`?region=&endpoint=&profile=&scheme=`) or `http(s)://host/path` (a server that accepts
-    /// PUT; `?token-file=` or `?basic-auth-file=`). Nix's store parameters `compression`,
-    /// `secret-key` and `parallel-compression` are understood in the address.
+    /// The cache, in Nix's syntax: `file:///dir`, or a plain directory path (absolute, or
+    /// starting with `.`); `s3://bucket[/prefix]` (`?region=&endpoint=&profile=&scheme=`);
+    /// `http(s)://host/path`, a server that accepts PUT (`?token-file=` or
+    /// `?basic-auth-file=`); `sftp://[user@]host[:port]/path`, a directory over SSH
+    /// (`?identity=&known-hosts=`; host keys checked); `gs://bucket[/prefix]`, Google Cloud
+    /// Storage (`?credentials=`). Nix's store parameters `compression`, `secret-key` and
+    /// `parallel-compression` are understood in any address.
     #[arg(long, env = "NIXPUSH_TO", value_name = "CACHE")]
     to: String,
     /// Secret key file to sign with (repeatable), as made by `nixpush keygen` or

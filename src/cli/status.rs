@@ -12,6 +12,13 @@ use nixpush::daemon::protocol::{Request, Response, StatusReport};
 use super::ConfigArg;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  How the daemon is doing:
+    nixpush status
+
+  The queue depth, for a script or a monitoring check:
+    nixpush status --json | jq .queue_depth")]
 pub struct StatusArgs {
     #[command(flatten)]
     config: ConfigArg,
