@@ -32,11 +32,55 @@ pub enum AddressError {
     },
     #[error("cache address {0:?}: parallel-compression must be true or false")]
     Parallel(String),
+    #[error(
+        "cache address {addr:?} looks like a mistyped URL: did you mean {suggestion:?}? \
+         (a plain directory path must be absolute or start with \".\")"
+    )]
+    MistypedUrl { addr: String, suggestion: String },
+    #[error(
+        "cache address {addr:?}: a plain directory path must be absolute or start with \".\" \
+         (did you mean {suggestion:?}?)"
+    )]
+    RelativePath { addr: String, suggestion: String },
+}
+
+/// The schemes `nixpush_backends::open` knows.
+const SCHEMES: [&str; 6] = ["file", "s3", "https", "http", "sftp", "gs"];
+
+/// An address without `://` is a directory path. It must say so plainly (`/srv/cache`,
+/// `./cache`): `http//host` or `s3:bucket` would otherwise make a directory of that name.
+fn check_plain_path(addr: &str, base: &str) -> Result<(), AddressError> {
+    if base.contains("://") || base.starts_with('/') || base.starts_with('.') {
+        return Ok(());
+    }
+    for scheme in SCHEMES {
+        let Some(rest) = base.strip_prefix(scheme) else {
+            continue;
+        };
+        if !(rest.starts_with(':') || rest.starts_with("//")) {
+            continue;
+        }
+        let rest = rest.trim_start_matches(':').trim_start_matches('/');
+        let suggestion = if scheme == "file" {
+            format!("file:///{rest}")
+        } else {
+            format!("{scheme}://{rest}")
+        };
+        return Err(AddressError::MistypedUrl {
+            addr: addr.to_owned(),
+            suggestion,
+        });
+    }
+    Err(AddressError::RelativePath {
+        addr: addr.to_owned(),
+        suggestion: format!("./{base}"),
+    })
 }
 
 impl Address {
     pub fn parse(addr: &str) -> Result<Self, AddressError> {
         let (base, query) = addr.split_once('?').unwrap_or((addr, ""));
+        check_plain_path(addr, base)?;
         let mut out = Address {
             backend: base.to_owned(),
             compression: None,
@@ -91,6 +135,40 @@ mod tests {
         assert_eq!(b.backend, "file:///tmp/c?bogus=1");
         assert!(Address::parse("file:///c?compression=lz9").is_err());
         assert!(Address::parse("file:///c?parallel-compression=maybe").is_err());
+    }
+
+    #[test]
+    fn plain_paths_are_absolute_or_start_with_a_dot() {
+        for ok in [
+            "/srv/cache",
+            "./cache",
+            "../cache",
+            ".",
+            "file:///srv",
+            "s3://b",
+        ] {
+            assert!(Address::parse(ok).is_ok(), "{ok}");
+        }
+        for (bad, suggestion) in [
+            ("http//x", "http://x"),
+            ("https:/x/y", "https://x/y"),
+            ("s3:bucket", "s3://bucket"),
+            ("file:/srv/cache", "file:///srv/cache"),
+            ("sftp//u@h/p", "sftp://u@h/p"),
+        ] {
+            assert_eq!(
+                Address::parse(bad),
+                Err(AddressError::MistypedUrl {
+                    addr: bad.into(),
+                    suggestion: suggestion.into()
+                })
+            );
+        }
+        assert_eq!(
+            Address::parse("cache").unwrap_err().to_string(),
+            "cache address \"cache\": a plain directory path must be absolute or start with \
+             \".\" (did you mean \"./cache\"?)"
+        );
     }
 
     #[test]

@@ -147,6 +147,16 @@ fn de_compression<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Compression,
     s.parse().map_err(serde::de::Error::custom)
 }
 
+/// A signing key named by `key-files`, where it is looked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFile {
+    /// The full path to read.
+    pub path: PathBuf,
+    /// For a relative entry, how it was resolved (for messages), e.g.
+    /// `"signing-key" next to the config file`.
+    pub relative_to: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The cause is part of the message and not also the `source()`, so that a report that
@@ -170,6 +180,43 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not an octal mode like \"0660\"")]
 pub struct BadSocketMode(pub String);
+
+/// For serde's ``unknown field `compresion`, expected one of `cache`, ...``: the expected key
+/// closest to the unknown one, if it is close enough to be the one meant (at most two edits,
+/// and fewer than half its letters).
+fn did_you_mean(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, rest) = rest.split_once('`')?;
+    let expected = rest.split_once("expected")?.1;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (edit_distance(unknown, k), k))
+        .filter(|&(d, _)| d <= 2 && d * 2 < unknown.len().max(1))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
 
 impl Config {
     /// Read and validate `path`. With `must_exist` false, a missing file means the defaults.
@@ -207,9 +254,15 @@ impl Config {
     }
 
     fn parse_unchecked(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string().trim_end().to_owned();
+            if let Some(hint) = did_you_mean(e.message()) {
+                message.push_str(&format!("\ndid you mean `{hint}`?"));
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            }
         })
     }
 
@@ -258,19 +311,39 @@ impl Config {
     }
 
     /// Key file paths, with relative ones resolved in `$CREDENTIALS_DIRECTORY` (systemd's
-    /// `LoadCredential=`), or else against the config file's directory.
-    pub fn resolved_key_files(&self, config_path: &Path) -> Vec<PathBuf> {
-        let base = std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(PathBuf::from)
-            .or_else(|| config_path.parent().map(Path::to_path_buf))
+    /// `LoadCredential=`), or else against the config file's directory (made absolute, so that
+    /// `--config config.toml` looks next to that file, and an error can name the full path).
+    pub fn resolved_key_files(&self, config_path: &Path) -> Vec<KeyFile> {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let config_dir = std::path::absolute(config_path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_default();
         self.key_files
             .iter()
             .map(|k| {
                 if k.is_absolute() {
-                    k.clone()
+                    KeyFile {
+                        path: k.clone(),
+                        relative_to: None,
+                    }
+                } else if let Some(dir) = &credentials {
+                    KeyFile {
+                        path: dir.join(k),
+                        relative_to: Some(format!(
+                            "{:?} in $CREDENTIALS_DIRECTORY ({})",
+                            k.display().to_string(),
+                            dir.display()
+                        )),
+                    }
                 } else {
-                    base.join(k)
+                    KeyFile {
+                        path: config_dir.join(k),
+                        relative_to: Some(format!(
+                            "{:?} next to the config file",
+                            k.display().to_string()
+                        )),
+                    }
                 }
             })
             .collect()
@@ -316,6 +389,19 @@ mod tests {
         .to_string();
         assert!(e.contains("compresion"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+        assert!(e.ends_with("\ndid you mean `compression`?"), "{e}");
+        // In a table too; and nothing is suggested for a key unlike any.
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\n[hook]\ntimeout-msec = 5\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.ends_with("did you mean `timeout-ms`?"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "allow-unsigned = true\nzzz = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("did you mean"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,8 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(code) => code,
+        // The reader has what it wanted; as a program killed by SIGPIPE would, end quietly.
+        Err(e) if e.is::<cli::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nixpush: error: {e:#}");
             ExitCode::FAILURE

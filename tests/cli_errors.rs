@@ -437,3 +437,551 @@ fn a_path_that_is_not_valid_is_named() {
         &path,
     );
 }
+
+/// A relative `key-files` entry, as `config.example.toml` has it, is looked for next to the
+/// config file, and the error names the full path it tried, also for `--config` given as a
+/// relative path.
+#[test]
+fn relative_key_file_is_looked_for_next_to_the_config() {
+    let tmp = tempdir();
+    let dir = tmp.path().canonicalize().expect("canonical");
+    fs::write(
+        dir.join("config.toml"),
+        format!(
+            "key-files = [\"signing-key\"]\nsocket = \"{d}/s.sock\"\nqueue-dir = \"{d}/queue\"\n",
+            d = dir.display()
+        ),
+    )
+    .expect("write config");
+    let out = run_fail(
+        nixpush()
+            .current_dir(&dir)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .args(["daemon", "--config", "config.toml"]),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "key-files: \"signing-key\" next to the config file: cannot read key file \
+             {}/signing-key: No such file or directory (os error 2)",
+            dir.display()
+        ),
+        "No such file or directory",
+    );
+}
+
+/// `nixpush-hook` with `NIXPUSH_CONFIG` naming a file that is not there says so, and what to
+/// do, and still never fails the build; it does not create the default queue directory on the
+/// strength of a missing config.
+#[test]
+fn hook_says_its_config_is_missing() {
+    let tmp = tempdir();
+    let missing = tmp.path().join("nonexistent.toml");
+    let default_queue = Path::new("/var/lib/nixpush/queue");
+    let queue_was_there = default_queue.exists();
+    let out = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nixpush-hook"))
+            .env("NIXPUSH_CONFIG", &missing)
+            .env("OUT_PATHS", &small_closure().leaf)
+            .env_remove("DRV_PATH"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", out.report());
+    let first = out.stderr.lines().next().unwrap_or_default();
+    assert_eq!(
+        first,
+        format!(
+            "nixpush hook: config {} does not exist (set NIXPUSH_CONFIG to the daemon's config, \
+             or install one at /etc/nixpush/config.toml); using the default socket \
+             /run/nixpush/nixpush.sock and queue directory /var/lib/nixpush/queue",
+            missing.display()
+        ),
+        "{}",
+        out.report()
+    );
+    if !queue_was_there {
+        assert!(!default_queue.exists(), "{}", out.report());
+        assert!(
+            out.stderr.contains(
+                "cannot write to /var/lib/nixpush/queue: it does not exist, and without a \
+                 config it is not created"
+            ),
+            "{}",
+            out.report()
+        );
+    }
+}
+
+/// `--to http//x` (a URL with its colon lost) is refused with a hint and creates nothing; a
+/// plain relative path must start with `.`.
+#[test]
+fn a_mistyped_cache_address_is_refused_with_a_hint() {
+    let c = small_closure();
+    let tmp = tempdir();
+    let out = run_fail(nixpush().current_dir(tmp.path()).args([
+        "push",
+        "--no-sign",
+        "--to",
+        "http//x",
+        &c.leaf,
+    ]));
+    error_line_is(
+        &out,
+        "cache address \"http//x\" looks like a mistyped URL: did you mean \"http://x\"? \
+         (a plain directory path must be absolute or start with \".\")",
+        "mistyped",
+    );
+    let out = run_fail(nixpush().current_dir(tmp.path()).args([
+        "push",
+        "--no-sign",
+        "--to",
+        "cache",
+        &c.leaf,
+    ]));
+    error_line_is(
+        &out,
+        "cache address \"cache\": a plain directory path must be absolute or start with \".\" \
+         (did you mean \"./cache\"?)",
+        "plain directory path",
+    );
+    assert_eq!(
+        fs::read_dir(tmp.path()).expect("read").count(),
+        0,
+        "nothing is created"
+    );
+    run_ok(nixpush().current_dir(tmp.path()).args([
+        "push",
+        "--no-sign",
+        "--to",
+        "./cache",
+        &c.leaf,
+    ]));
+    assert!(!narinfo_files(&tmp.path().join("cache")).is_empty());
+}
+
+/// A public key given as the secret one is called that; a secret key others can read is used,
+/// with a warning that names it and the fix.
+#[test]
+fn key_file_mistakes_are_named() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let c = small_closure();
+    let tmp = tempdir();
+    let keys = nixpush_keygen(tmp.path(), "key-mistakes.example.org-1");
+    let cache = format!("file://{}", tmp.path().join("cache").display());
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--to", &cache, "--key-file"])
+            .arg(&keys.public)
+            .arg(&c.leaf),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "key file {} is not a secret key: key \"key-mistakes.example.org-1\" is a public \
+             key (32 bytes); the secret key (64 bytes) is the other file of the pair",
+            keys.public.display()
+        ),
+        "public key",
+    );
+
+    fs::set_permissions(&keys.secret, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run_ok(
+        nixpush()
+            .args(["push", "--to", &cache, "--key-file"])
+            .arg(&keys.secret)
+            .arg(&c.leaf),
+    );
+    let warning = format!(
+        "nixpush: warning: other users have access to secret key file {k} (mode 0644); run \
+         `chmod 600 {k}`",
+        k = keys.secret.display()
+    );
+    assert_eq!(
+        out.stderr.lines().filter(|l| *l == warning).count(),
+        1,
+        "{}",
+        out.report()
+    );
+    assert!(!narinfo_files(&tmp.path().join("cache")).is_empty());
+}
+
+/// `status` with no daemon says that it is not running, where, and how to start it; with
+/// `--json` it prints a JSON error object too, for scripts.
+#[test]
+fn status_without_a_daemon_says_how_to_start_it() {
+    let tmp = tempdir();
+    let socket = tmp.path().join("nixpush.sock");
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, format!("socket = \"{}\"\n", socket.display())).expect("config");
+    let expected = format!(
+        "the daemon is not running at {} (No such file or directory (os error 2)); start it \
+         with `systemctl start nixpush.service` or `nixpush daemon`",
+        socket.display()
+    );
+    let out = run_fail(nixpush().arg("status").arg("--config").arg(&config));
+    error_line_is(&out, &expected, "No such file or directory");
+    assert_eq!(out.stdout, "", "{}", out.report());
+
+    let out = run_fail(
+        nixpush()
+            .args(["status", "--json", "--config"])
+            .arg(&config),
+    );
+    error_line_is(&out, &expected, "No such file or directory");
+    let json: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.report()));
+    assert_eq!(json, serde_json::json!({ "error": expected }));
+}
+
+/// A reader that closes its end early (`nixpush status --json | head -c1`) ends the command
+/// quietly: no panic, no error line. Also `--help` into a closed pipe.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let tmp = tempdir();
+    let socket = tmp.path().join("nixpush.sock");
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, format!("socket = \"{}\"\n", socket.display())).expect("config");
+    for args in [
+        vec![
+            "status".to_owned(),
+            "--json".to_owned(),
+            "--config".to_owned(),
+            config.display().to_string(),
+        ],
+        vec!["push".to_owned(), "--help".to_owned()],
+    ] {
+        let mut child = nixpush()
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // Close the read end before the command writes.
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        let status = child.wait().expect("wait");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {status}: {stderr}"
+        );
+        assert!(status.code().is_some(), "{args:?}: killed: {status}");
+    }
+}
+
+/// A `./result` that is not there is said to be missing (not "not in the Nix store"); `-j 0`
+/// is refused; an unknown config key gets the one probably meant.
+#[test]
+fn small_mistakes_get_plain_answers() {
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let out = run_fail(
+        nixpush()
+            .current_dir(tmp.path())
+            .args(["push", "--no-sign", "--to"])
+            .arg(&cache)
+            .arg("./nonexistent-result"),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "\"./nonexistent-result\" ({}) does not exist",
+            tmp.path().join("nonexistent-result").display()
+        ),
+        "does not exist",
+    );
+
+    let c = small_closure();
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--no-sign", "-j", "0", "--to"])
+            .arg(&cache)
+            .arg(&c.leaf),
+    );
+    assert!(
+        out.stderr
+            .starts_with("error: invalid value '0' for '--jobs <N>': must be at least 1\n"),
+        "{}",
+        out.report()
+    );
+    assert!(!cache.exists(), "{}", out.report());
+
+    let config = tmp.path().join("config.toml");
+    fs::write(
+        &config,
+        "allow-unsigned = true\n\n[hook]\ntimeout-msec = 5\n",
+    )
+    .expect("config");
+    let out = run_fail(nixpush().arg("daemon").arg("--config").arg(&config));
+    assert!(
+        out.stderr.contains("unknown field `timeout-msec`")
+            && out
+                .stderr
+                .trim_end()
+                .ends_with("\ndid you mean `timeout-ms`?"),
+        "{}",
+        out.report()
+    );
+}
+
+/// `DRV^*` is understood on the command line as Nix understands it (the outputs, not the
+/// `.drv`); a derivation that is not built is an error naming it and saying to build it first.
+#[test]
+fn derivation_outputs_must_be_built() {
+    let drv = unbuilt_drv();
+    let out_path =
+        run_ok(std::process::Command::new("nix-store").args(["--query", "--outputs", &drv]))
+            .stdout
+            .trim()
+            .to_owned();
+    let expected = format!(
+        "derivation {drv} is not built (output out ({out_path})); build it first, e.g. \
+         `nix-store --realise {drv}`"
+    );
+    for arg in [drv.clone(), format!("{drv}^*")] {
+        let tmp = tempdir();
+        let cache = tmp.path().join("cache");
+        let out = run_fail(
+            nixpush()
+                .args(["push", "--no-sign", "--to"])
+                .arg(&cache)
+                .arg(&arg),
+        );
+        error_line_is(&out, &expected, "is not built");
+        assert_eq!(narinfo_files(&cache), Vec::<String>::new());
+    }
+
+    // Built: `^*` publishes the outputs and their closures, not the derivation.
+    let c = small_closure();
+    let deriver =
+        run_ok(std::process::Command::new("nix-store").args(["--query", "--deriver", &c.leaf]))
+            .stdout
+            .trim()
+            .to_owned();
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let out = run_ok(
+        nixpush()
+            .args(["push", "--no-sign", "--to"])
+            .arg(&cache)
+            .arg(format!("{deriver}^*")),
+    );
+    assert_eq!(
+        narinfo_files(&cache),
+        vec![format!("{}.narinfo", hash_part(&c.leaf))],
+        "{}",
+        out.report()
+    );
+    // `^*` after something else is said to be wrong as such.
+    let out = run_fail(
+        nixpush()
+            .args(["push", "--no-sign", "--to"])
+            .arg(&cache)
+            .arg(format!("{}^*", c.leaf)),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "\"{}^*\": `^*` (all outputs) follows a path that is not a .drv",
+            c.leaf
+        ),
+        "not a .drv",
+    );
+}
+
+/// Ctrl-C during a push stops it and removes the temporary files it staged in the cache's
+/// `nar/`; the exit code is the shell's for SIGINT.
+#[test]
+fn an_interrupted_push_leaves_no_temporary_files() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let c = full_closure();
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    let temps = |cache: &Path| -> Vec<String> {
+        nar_files(cache)
+            .into_iter()
+            .filter(|n| n.starts_with(".nixpush-") && n.ends_with(".tmp"))
+            .collect()
+    };
+    let mut child = nixpush()
+        .args([
+            "push",
+            "--no-sign",
+            "--compression",
+            "xz",
+            "-j",
+            "1",
+            "--to",
+        ])
+        .arg(&cache)
+        .arg(&c.big)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn push");
+    let start = Instant::now();
+    while temps(&cache).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no temporary file appeared in {}/nar",
+            cache.display()
+        );
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "push ended early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Our own child, by its PID.
+    run_ok(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(
+            "nixpush: interrupted; stopping and removing temporary files (what was published \
+             is complete; push again to go on)"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(temps(&cache), Vec::<String>::new(), "{stderr}");
+    assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
+}
+
+const COMMANDS: [&str; 9] = [
+    "push",
+    "keygen",
+    "daemon",
+    "hook",
+    "status",
+    "verify",
+    "help",
+    "completions",
+    "man",
+];
+
+/// Every command's `--help` ends with examples of it, as `nix copy --help` does; `push --to`
+/// lists every kind of address; `nixpush help --help` is help about `help`.
+#[test]
+fn every_command_has_help_with_examples() {
+    for c in COMMANDS {
+        let out = run_ok(nixpush().args([c, "--help"]));
+        let examples = out
+            .stdout
+            .split_once("\nExamples:\n")
+            .unwrap_or_else(|| panic!("no examples: {}", out.report()))
+            .1;
+        assert!(
+            examples.contains(&format!("nixpush {c}")) || c == "hook",
+            "the examples of {c} show no `nixpush {c}`: {}",
+            out.report()
+        );
+    }
+    let push = run_ok(nixpush().args(["push", "--help"])).stdout;
+    for kind in [
+        "file:///dir",
+        "plain directory path",
+        "s3://bucket",
+        "http(s)://host/path",
+        "sftp://[user@]host[:port]/path",
+        "gs://bucket",
+    ] {
+        assert!(push.contains(kind), "push --help lacks {kind:?}:\n{push}");
+    }
+    assert_eq!(run_ok(nixpush().args(["help", "push"])).stdout, push);
+    let out = run_ok(nixpush().args(["help", "--help"]));
+    assert!(
+        out.stdout
+            .starts_with("Print help about nixpush or one of its commands\n"),
+        "{}",
+        out.report()
+    );
+    let out = run_fail(nixpush().args(["help", "pusj"]));
+    error_line_is(
+        &out,
+        "no command \"pusj\"; the commands are: push, keygen, daemon, hook, status, verify, \
+         help, completions, man",
+        "pusj",
+    );
+}
+
+/// `nixpush-hook --help` and `--version` answer, and do not run the hook.
+#[test]
+fn the_hook_program_has_help_and_a_version() {
+    let hook = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_nixpush-hook"));
+        c.env("OUT_PATHS", "/nonexistent")
+            .env("NIXPUSH_CONFIG", "/nonexistent.toml");
+        c
+    };
+    for arg in ["--help", "-h"] {
+        let out = run_ok(hook().arg(arg));
+        assert!(
+            out.stdout.starts_with(
+                "Nix's post-build-hook: hand the finished build to the nixpush daemon. Never \
+                 fails the build.\n\nUsage: nixpush-hook\n"
+            ) && out
+                .stdout
+                .contains("post-build-hook = /usr/local/bin/nixpush-hook"),
+            "{}",
+            out.report()
+        );
+        assert_eq!(out.stderr, "", "the hook ran: {}", out.report());
+    }
+    let out = run_ok(hook().arg("--version"));
+    assert_eq!(
+        out.stdout,
+        format!("nixpush-hook {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(out.stderr, "", "the hook ran: {}", out.report());
+    let out = run_fail(hook().arg("--frobnicate"));
+    assert_eq!(
+        out.stderr.trim_end(),
+        "nixpush-hook: unexpected argument \"--frobnicate\": Nix runs this hook without \
+         arguments (see nixpush-hook --help)",
+        "{}",
+        out.report()
+    );
+}
+
+/// Shell completions and man pages, generated from the same definitions as the parser, name
+/// every command.
+#[test]
+fn completions_and_man_pages_name_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ok(nixpush().args(["completions", shell]));
+        assert!(out.stdout.len() > 1000, "{shell}: {}", out.report());
+        for c in COMMANDS {
+            assert!(out.stdout.contains(c), "{shell} completions lack {c}");
+        }
+        let to = if shell == "fish" { "-l to" } else { "--to" };
+        assert!(out.stdout.contains(to), "{shell} completions lack --to");
+    }
+    let man = run_ok(nixpush().arg("man")).stdout;
+    assert!(
+        man.contains(&format!(
+            ".TH nixpush 1  \"nixpush {}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{man}"
+    );
+    for c in COMMANDS {
+        assert!(
+            man.contains(&format!("nixpush\\-{c}(1)")),
+            "nixpush(1) lacks {c}:\n{man}"
+        );
+    }
+    let push = run_ok(nixpush().args(["man", "push"])).stdout;
+    assert!(push.contains(".TH nixpush-push 1"), "{push}");
+    assert!(push.contains("sftp://"), "{push}");
+    assert!(push.contains("Examples:"), "{push}");
+}

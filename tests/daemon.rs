@@ -1046,30 +1046,34 @@ fn hook_reads_out_paths_or_drv_path_and_never_fails_the_build() {
         "DRV_PATH used despite OUT_PATHS"
     );
 
-    // A path the daemon refuses: the build still succeeds; the request is kept in the queue,
-    // where the daemon rejects it with the reason.
-    let out = hook(&[("OUT_PATHS", &missing)]);
-    assert!(out.status.success(), "{}", out.report());
-    assert!(
-        out.stderr.contains("the daemon refused") && out.stderr.contains("queued as"),
-        "{}",
-        out.report()
-    );
-    wait_until(
-        PATIENCE,
-        || format!("rejection; rejected/: {:?}", setup.rejected()),
-        || setup.rejected().len() == 2,
-    );
-    let reason_file = setup
-        .rejected()
-        .into_iter()
-        .find(|n| n.ends_with(".reason"))
-        .expect("reason");
-    let reason = fs::read_to_string(setup.queue.join("rejected").join(reason_file)).expect("r");
-    assert!(
-        reason.contains("not valid in the Nix store") && reason.contains(&missing),
-        "{reason}"
-    );
+    // A path the daemon refuses: the build still succeeds; the hook says what the daemon
+    // said, and does not queue the request (a refusal is an answer, not an outage).
+    let queued_before = setup.queued();
+    for refused in [missing.as_str(), "/tmp/foo"] {
+        let out = hook(&[("OUT_PATHS", refused)]);
+        assert!(out.status.success(), "{}", out.report());
+        let said = if refused.starts_with("/tmp") {
+            format!("{refused:?} is not in the Nix store {:?}", store_dir())
+        } else {
+            format!("not in the Nix store (no such path): {refused}")
+        };
+        assert_eq!(
+            out.stderr.trim_end(),
+            format!(
+                "nixpush hook: the daemon at {} refused the request: {said}; not queued",
+                setup.socket.display()
+            ),
+            "{}",
+            out.report()
+        );
+        let new: Vec<String> = setup
+            .queued()
+            .into_iter()
+            .filter(|n| !queued_before.contains(n))
+            .collect();
+        assert!(new.is_empty(), "queued anyway: {new:?}: {}", out.report());
+    }
+    assert!(setup.rejected().is_empty(), "{:?}", setup.rejected());
 
     // A daemon that hangs (stopped): the hook gives up after hook.timeout-ms and queues the
     // request itself.
@@ -1092,7 +1096,7 @@ fn hook_reads_out_paths_or_drv_path_and_never_fails_the_build() {
     setup.wait_published(&l[..3], &daemon);
     daemon.assert_running();
     let st = setup.status();
-    assert_eq!(st["rejected"], 1, "{st}");
+    assert_eq!(st["rejected"], 0, "{st}");
     assert_eq!(st["queue_depth"], 0, "{st}");
     drop(daemon);
 
@@ -1192,4 +1196,130 @@ fn rejections(setup: &Setup, daemon: &Daemon) -> String {
         setup.queued(),
         daemon.log_tail()
     )
+}
+
+/// `nixpush status` is written for people: counts with their plurals, errors stamped with a UTC
+/// time; and the daemon removes its socket when SIGTERM stops it.
+#[test]
+fn status_reads_as_sentences_and_the_socket_goes_with_the_daemon() {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    setup.write_entry("outside", "/etc/passwd\n");
+    wait_until(
+        PATIENCE,
+        || format!("rejection; rejected/: {:?}", setup.rejected()),
+        || setup.rejected().len() == 2,
+    );
+    let out = run_ok(nixpush().arg("status").arg("--config").arg(&setup.config));
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines.contains(&"queue depth: 0 entries"),
+        "{}",
+        out.report()
+    );
+    assert!(lines.contains(&"in flight:   0 paths"), "{}", out.report());
+    let errors = lines
+        .iter()
+        .position(|l| *l == "last errors:")
+        .unwrap_or_else(|| panic!("no errors listed: {}", out.report()));
+    let first = lines[errors + 1];
+    // `  2026-12-02 00:45:55 UTC  rejected ...`
+    let stamp = &first[2..25];
+    let shape: String = stamp
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '0' } else { c })
+        .collect();
+    assert_eq!(shape, "0000-00-00 00:00:00 UTC", "{}", out.report());
+    assert!(first[25..].starts_with("  "), "{}", out.report());
+    assert!(first.contains("/etc/passwd"), "{}", out.report());
+
+    // `nixpush status --json | head -c1`: the reader goes away; the command ends quietly.
+    let mut child = nixpush()
+        .args(["status", "--json", "--config"])
+        .arg(&setup.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn status");
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().expect("status");
+    assert_eq!(
+        (
+            closed.status.code(),
+            String::from_utf8_lossy(&closed.stderr).as_ref()
+        ),
+        (Some(0), ""),
+        "status into a closed pipe"
+    );
+
+    assert!(setup.socket.exists());
+    let status = daemon.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    assert!(
+        !setup.socket.exists(),
+        "the socket {} is left after SIGTERM",
+        setup.socket.display()
+    );
+}
+
+/// The log tells the start-up in the order it happens (started, then ready), and `-v` gives
+/// the daemon more than its log-level's info: debug.
+#[test]
+fn the_start_up_log_is_in_order_and_v_means_debug() {
+    let setup = Setup::new("");
+    let text = setup
+        .config_text("")
+        .replace("log-level = \"nixpush=debug\"", "log-level = \"info\"");
+    fs::write(&setup.config, text).expect("config");
+    let mut cmd = setup.daemon_command();
+    cmd.arg("-v").env_remove("NIXPUSH_LOG");
+    let daemon = setup.start_with(cmd);
+    wait_until(
+        PATIENCE,
+        || format!("ready in the log: {}", log_tail(&setup.log)),
+        || fs::read_to_string(&setup.log).is_ok_and(|l| l.contains("cache answered; ready")),
+    );
+    setup.status();
+    daemon.terminate(Duration::from_secs(30));
+    let log = fs::read_to_string(&setup.log).expect("log");
+    let started = log.find("nixpush daemon started").expect("started");
+    let ready = log.find("cache answered; ready").expect("ready");
+    assert!(started < ready, "ready before started:\n{log}");
+    assert!(log.contains(" DEBUG "), "-v gave no debug lines:\n{log}");
+}
+
+/// A queue entry `DRV^*` for a derivation that is not built is rejected with that reason
+/// (naming the derivation, saying to build it first), logged and counted, not dropped.
+#[test]
+fn an_unbuilt_derivation_is_rejected_with_the_reason() {
+    let setup = Setup::new("");
+    let drv = unbuilt_drv();
+    let daemon = setup.start();
+    setup.write_entry("unbuilt", &format!("{drv}^*\n"));
+    wait_until(
+        PATIENCE,
+        || format!("rejection; rejected/: {:?}", setup.rejected()),
+        || setup.rejected().len() == 2,
+    );
+    let reason = fs::read_to_string(setup.queue.join("rejected/unbuilt.reason")).expect("reason");
+    assert!(
+        reason.contains(&format!("derivation {drv} is not built (output out ("))
+            && reason.contains(&format!("build it first, e.g. `nix-store --realise {drv}`")),
+        "{reason}"
+    );
+    let st = setup.status();
+    assert_eq!(st["rejected"], 1, "{st}");
+    let last = st["last_errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("unbuilt") && last.contains("is not built"),
+        "{st}"
+    );
+    drop(daemon);
+    let log = fs::read_to_string(&setup.log).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("rejecting queue entry") && l.contains("is not built")),
+        "{log}"
+    );
 }

@@ -17,6 +17,13 @@ use nixpush::store::NixStore;
 use super::ConfigArg;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  As systemd runs it (see systemd/nixpush.service):
+    nixpush daemon --config /etc/nixpush/config.toml
+
+  In the foreground with debug logs, to try a configuration:
+    nixpush -v daemon --config ./config.toml")]
 pub struct DaemonArgs {
     #[command(flatten)]
     config: ConfigArg,
@@ -27,7 +34,13 @@ pub fn run(args: DaemonArgs, verbose: u8) -> anyhow::Result<ExitCode> {
     let inherited = nixpush::daemon::systemd::listen_fd()?;
     let (path, explicit) = args.config.path();
     let cfg = Config::load(&path, explicit)?;
-    super::init_tracing(verbose, &cfg.log_level);
+    // The daemon's default is its log-level (info), so -v starts one step further.
+    let directive = match verbose {
+        0 => cfg.log_level.as_str(),
+        1 => "debug",
+        _ => "trace",
+    };
+    super::init_tracing(0, directive);
     super::runtime()?.block_on(serve(cfg, &path, inherited))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -40,12 +53,18 @@ async fn serve(
     // Before the socket exists, so no request can see a daemon that SIGTERM would kill.
     let shutdown = shutdown_signal()?;
     let addr = Address::parse(&cfg.cache)?;
-    let mut key_files = cfg.resolved_key_files(config_path);
-    key_files.extend(addr.secret_key.clone());
-    let keys = key_files
-        .iter()
-        .map(|k| super::read_key(k))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut keys = Vec::new();
+    for k in cfg.resolved_key_files(config_path) {
+        let key = super::read_key(&k.path);
+        keys.push(match k.relative_to {
+            // Say where a relative name was looked for, so the fix is plain.
+            Some(how) => key.with_context(|| format!("key-files: {how}"))?,
+            None => key?,
+        });
+    }
+    if let Some(k) = &addr.secret_key {
+        keys.push(super::read_key(k)?);
+    }
     if let Some(c) = addr.compression {
         if c != cfg.compression {
             bail!(
@@ -73,6 +92,8 @@ async fn serve(
         skip_signed_by: cfg.skip_signed_by.clone(),
         logs: cfg.upload_logs,
     };
+    // The socket file we bind, to remove on a clean exit; systemd's is systemd's to keep.
+    let mut ours = None;
     let listener = match inherited {
         Some(fd) => {
             let std_listener = std::os::unix::net::UnixListener::from(fd);
@@ -81,7 +102,11 @@ async fn serve(
             tokio::net::UnixListener::from_std(std_listener)
                 .context("cannot use the socket passed by systemd")?
         }
-        None => bind(&cfg.socket, cfg.socket_mode()?)?,
+        None => {
+            let listener = bind(&cfg.socket, cfg.socket_mode()?)?;
+            ours = OurSocket::note(&cfg.socket);
+            listener
+        }
     };
     let settings = Settings {
         queue_dir: cfg.queue_dir.clone(),
@@ -91,8 +116,44 @@ async fn serve(
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
     };
     let pusher = Pusher::new(store, backend, opts);
-    daemon::run(pusher, settings, listener, shutdown).await?;
+    let result = daemon::run(pusher, settings, listener, shutdown).await;
+    if let Some(socket) = ours {
+        socket.remove();
+    }
+    result?;
     Ok(())
+}
+
+/// The socket file this daemon made, known by its inode, so that a clean exit removes it only
+/// if it is still ours (not one a newer daemon has bound at the same path since).
+struct OurSocket {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl OurSocket {
+    fn note(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    fn remove(self) {
+        use std::os::unix::fs::MetadataExt as _;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(socket = %self.path.display(), error = %e, "cannot remove the socket");
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {

@@ -10,6 +10,11 @@ use anyhow::Context as _;
 use nixpush::formats::signing::SecretKey;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  Make the key pair a cache signs with, and show the line for nix.conf:
+    nixpush keygen cache.example.org-1 /etc/nixpush/signing-key /etc/nixpush/signing-key.pub
+    echo \"trusted-public-keys = $(cat /etc/nixpush/signing-key.pub)\"")]
 pub struct KeygenArgs {
     /// Key name, conventionally `<cache host>-1`, e.g. `cache.example.org-1`.
     name: String,

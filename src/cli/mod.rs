@@ -1,6 +1,7 @@
 //! Command-line interface: thin glue from arguments to the library.
 
 mod daemon;
+mod docs;
 mod hook;
 mod keygen;
 mod progress;
@@ -19,10 +20,21 @@ use nixpush::formats::signing::SecretKey;
 #[command(
     name = "nixpush",
     version,
-    about = "Publish Nix store paths to binary caches"
+    propagate_version = true,
+    about = "Publish Nix store paths to binary caches",
+    // Our own `help`, so that `nixpush help --help` is help about `help`.
+    disable_help_subcommand = true,
+    after_help = "\
+Examples:
+  nixpush keygen cache.example.org-1 signing-key signing-key.pub
+  nixpush push --to file:///srv/cache --key-file signing-key ./result
+  nixpush status
+
+See `nixpush help COMMAND` for each command's options and examples."
 )]
 pub struct Cli {
-    /// More log output (-v: info, -vv: debug). NIXPUSH_LOG takes an EnvFilter directive.
+    /// More log output: -v info, -vv debug; for `daemon`, which logs at its log-level (info)
+    /// already, -v debug, -vv trace. NIXPUSH_LOG takes an EnvFilter directive instead.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     #[command(subcommand)]
@@ -43,6 +55,12 @@ enum Command {
     Status(status::StatusArgs),
     /// Check that every path in a cache can be substituted; --repair mends what is broken.
     Verify(verify::VerifyArgs),
+    /// Print help about nixpush or one of its commands.
+    Help(docs::HelpArgs),
+    /// Print a shell's completion script for nixpush (bash, zsh, fish, ...).
+    Completions(docs::CompletionsArgs),
+    /// Print the man page of nixpush, or of one of its commands, in roff.
+    Man(docs::ManArgs),
 }
 
 /// The configuration file named on the command line or in the environment, else the default.
@@ -85,10 +103,40 @@ pub fn init_tracing(verbose: u8, default: &str) {
 }
 
 pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
+    use std::os::unix::fs::PermissionsExt as _;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read key file {}", path.display()))?;
-    SecretKey::parse(&text)
-        .with_context(|| format!("key file {} is not a secret key", path.display()))
+    let key = SecretKey::parse(&text)
+        .with_context(|| format!("key file {} is not a secret key", path.display()))?;
+    // Used all the same (it may be on purpose, and refusing would stop a service at a bad
+    // moment), but said: anyone who can read it can sign as this cache.
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "nixpush: warning: other users have access to secret key file {p} (mode {mode:04o}); \
+                 run `chmod 600 {p}`",
+                p = path.display()
+            );
+        }
+    }
+    Ok(key)
+}
+
+/// Standard output was closed by its reader (`nixpush status --json | head -c1`): not an
+/// error to report, the command just ends (see `main`).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+pub struct StdoutClosed;
+
+/// Write `text` to standard output, all of it, flushed. A closed pipe is [`StdoutClosed`].
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => r.context("cannot write to standard output"),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -114,5 +162,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing(cli.verbose, "warn");
             runtime()?.block_on(verify::run(args))
         }
+        Command::Help(args) => docs::help(args),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }

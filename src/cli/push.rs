@@ -18,12 +18,33 @@ use nixpush::store::{NixStore, Store as _};
 
 use super::progress::Progress;
 
+const EXAMPLES: &str = "\
+Examples:
+  Push ./result and its closure into a local directory cache, signed:
+    nixpush push --to file:///srv/cache --key-file /etc/nixpush/signing-key ./result
+
+  Push a whole closure, the paths read from standard input:
+    nix-store -qR ./result | nixpush push --to /srv/cache --key-file key.sec --stdin
+
+  Push the outputs of a built derivation to S3, compressed with xz:
+    nixpush push --to 's3://my-cache?region=eu-west-1&compression=xz' \\
+      --key-file key.sec /nix/store/...-hello-2.12.drv^*
+
+  Push to a directory on an SSH server, and to Google Cloud Storage:
+    nixpush push --to 'sftp://nix@cache.example/srv/cache?identity=/etc/nixpush/ssh-key' \\
+      --key-file key.sec ./result
+    nixpush push --to 'gs://my-bucket/nix?credentials=sa.json' --key-file key.sec ./result";
+
 #[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
 pub struct PushArgs {
-    /// The cache: `file:///dir` (or a plain directory path), `s3://bucket[/prefix]`
-    /// (`?region=&endpoint=&profile=&scheme=`) or `http(s)://host/path` (a server that accepts
-    /// PUT; `?token-file=` or `?basic-auth-file=`). Nix's store parameters `compression`,
-    /// `secret-key` and `parallel-compression` are understood in the address.
+    /// The cache, in Nix's syntax: `file:///dir`, or a plain directory path (absolute, or
+    /// starting with `.`); `s3://bucket[/prefix]` (`?region=&endpoint=&profile=&scheme=`);
+    /// `http(s)://host/path`, a server that accepts PUT (`?token-file=` or
+    /// `?basic-auth-file=`); `sftp://[user@]host[:port]/path`, a directory over SSH
+    /// (`?identity=&known-hosts=`; host keys checked); `gs://bucket[/prefix]`, Google Cloud
+    /// Storage (`?credentials=`). Nix's store parameters `compression`, `secret-key` and
+    /// `parallel-compression` are understood in any address.
     #[arg(long, env = "NIXPUSH_TO", value_name = "CACHE")]
     to: String,
     /// Secret key file to sign with (repeatable), as made by `nixpush keygen` or
@@ -40,7 +61,7 @@ pub struct PushArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     compression_level: Option<i32>,
     /// Paths compressed and uploaded at once [default: number of CPUs].
-    #[arg(long, short = 'j', value_name = "N")]
+    #[arg(long, short = 'j', value_name = "N", value_parser = at_least_one)]
     jobs: Option<usize>,
     /// Re-upload paths already in the cache and rewrite their narinfos.
     #[arg(long)]
@@ -57,8 +78,18 @@ pub struct PushArgs {
     #[arg(long)]
     logs: bool,
     /// Store paths, paths inside them, or symlinks to them such as `./result`.
-    /// A `.drv` also pushes its built outputs. `-` reads standard input.
+    /// A `.drv` also pushes its outputs, `DRV^*` only its outputs; they must be built.
+    /// `-` reads standard input.
     paths: Vec<String>,
+}
+
+/// A count of at least 1 (`-j 0` would push nothing, forever).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Lexically clean an absolute path: drop `.`, apply `..`.
@@ -96,13 +127,26 @@ fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
         }
         // Not in the store, and not there at all: say the first, which is the problem
         // (`/nix/store/../etc` names `/nix/etc`), with the second as its cause.
-        let meta = std::fs::symlink_metadata(&p).with_context(|| {
-            format!(
-                "{arg:?} ({}) is not in the Nix store {}",
-                p.display(),
-                store_dir.as_str()
-            )
-        })?;
+        let meta = match std::fs::symlink_metadata(&p) {
+            Ok(meta) => meta,
+            // `./result` from a build that has not run: that it is missing is the news.
+            // (A path written in the store, `/nix/store/../etc`, still hears of the store.)
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !arg.starts_with(store_dir.as_str()) =>
+            {
+                bail!("{arg:?} ({}) does not exist", p.display())
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{arg:?} ({}) is not in the Nix store {}",
+                        p.display(),
+                        store_dir.as_str()
+                    )
+                });
+            }
+        };
         if !meta.file_type().is_symlink() {
             bail!(
                 "{arg:?} ({}) is not in the Nix store {}",
@@ -114,6 +158,32 @@ fn resolve(store_dir: &StoreDir, arg: &str) -> anyhow::Result<StorePath> {
         p = normalize(&p.parent().unwrap_or(Path::new("/")).join(target));
     }
     bail!("{arg:?}: too many levels of symbolic links")
+}
+
+/// Completes on the first SIGINT or SIGTERM with the exit code a shell gives a program killed
+/// by it (130, 143). A second signal, while the temporaries are being removed, kills the
+/// program as usual.
+fn interrupted() -> anyhow::Result<impl std::future::Future<Output = u8>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        // Tokio's handlers stay installed for the life of the process, so without this a
+        // second Ctrl-C would do nothing while a large NAR finishes compressing.
+        #[allow(unsafe_code)]
+        // SAFETY: signal(2) with SIG_DFL only sets the disposition back to the default; no
+        // handler of ours runs. Tokio's handler is then no longer called, which it tolerates
+        // (it just hears of no more signals; nothing waits for one after this).
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        }
+        code
+    })
 }
 
 pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
@@ -155,6 +225,15 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     // A `.drv` stands for itself and its built outputs, as with nix-push's --include-outputs.
     let mut roots = BTreeSet::new();
     for r in &raw {
+        // `drv^*`: the derivation's outputs (not the `.drv`), as Nix's installables say it.
+        if let Some(drv) = r.strip_suffix("^*") {
+            let path = resolve(&sd, drv)?;
+            if !path.is_derivation() {
+                bail!("{r:?}: `^*` (all outputs) follows a path that is not a .drv");
+            }
+            roots.insert(Root::Outputs(path));
+            continue;
+        }
         let path = resolve(&sd, r)?;
         if path.is_derivation() {
             roots.insert(Root::Outputs(path.clone()));
@@ -184,7 +263,21 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     let progress = Progress::new(sd.clone());
     let pusher = Pusher::new(Arc::new(store), backend.clone(), opts);
     let roots = pusher.resolve(&roots).await?;
-    let summary = pusher.push(&roots, progress.sink()).await;
+    // On SIGINT or SIGTERM, stop: the push is dropped here, and the runtime's shutdown (when
+    // `run` returns) drops its tasks and waits for the compressions under way, so every staged
+    // temporary file (a `TempPath`) is removed. What was published is complete, as always.
+    let interrupted = interrupted()?;
+    let summary = tokio::select! {
+        s = pusher.push(&roots, progress.sink()) => s,
+        code = interrupted => {
+            progress.finish();
+            eprintln!(
+                "nixpush: interrupted; stopping and removing temporary files (what was \
+                 published is complete; push again to go on)"
+            );
+            return Ok(ExitCode::from(code));
+        }
+    };
     progress.finish();
     let s = summary?;
 

@@ -2,16 +2,23 @@
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
 use nixpush::config::Config;
-use nixpush::daemon::protocol::{Request, Response};
+use nixpush::daemon::protocol::{Request, Response, StatusReport};
 
 use super::ConfigArg;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  How the daemon is doing:
+    nixpush status
+
+  The queue depth, for a script or a monitoring check:
+    nixpush status --json | jq .queue_depth")]
 pub struct StatusArgs {
     #[command(flatten)]
     config: ConfigArg,
@@ -20,33 +27,121 @@ pub struct StatusArgs {
     json: bool,
 }
 
+/// Why `status` had no report to show.
+#[derive(Debug, thiserror::Error)]
+enum StatusError {
+    #[error(
+        "the daemon is not running at {} ({error}); start it with \
+         `systemctl start nixpush.service` or `nixpush daemon`",
+        socket.display()
+    )]
+    NotRunning {
+        socket: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot reach the daemon at {}: {error}", socket.display())]
+    Unreachable {
+        socket: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("talking to the daemon at {}: {error}", socket.display())]
+    Io {
+        socket: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("unreadable answer from the daemon: {0:?}")]
+    Unreadable(String),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer from the daemon")]
+    Unexpected,
+}
+
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let (path, _) = args.config.path();
     let cfg = Config::load_unchecked(&path)?;
-    let mut stream = UnixStream::connect(&cfg.socket)
-        .with_context(|| format!("cannot reach the daemon at {}", cfg.socket.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut msg = serde_json::to_vec(&Request::Status {})?;
-    msg.push(b'\n');
-    stream.write_all(&msg)?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    let report = match serde_json::from_str::<Response>(&line)
-        .with_context(|| format!("unreadable answer from the daemon: {line:?}"))?
-    {
-        Response::Status(s) => s,
-        Response::Error { message } => bail!("the daemon refused: {message}"),
-        Response::Queued { .. } => bail!("unexpected answer from the daemon"),
+    let report = match ask(&cfg.socket) {
+        Ok(r) => r,
+        // Scripts reading `--json` get JSON whatever happened, and the exit code says it failed.
+        Err(e) if args.json => {
+            let _ = super::print_stdout(&format!(
+                "{}\n",
+                serde_json::json!({ "error": e.to_string() })
+            ));
+            eprintln!("nixpush: error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e.into()),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("cache:       {}", report.cache);
-    println!("uptime:      {}s", report.uptime_secs);
-    println!("queue depth: {} entries", report.queue_depth);
-    println!("in flight:   {} paths", report.in_flight);
-    println!(
+    super::print_stdout(&human(&report))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ask(socket: &Path) -> Result<StatusReport, StatusError> {
+    let mut stream = UnixStream::connect(socket).map_err(|error| {
+        let socket = socket.to_owned();
+        match error.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                StatusError::NotRunning { socket, error }
+            }
+            _ => StatusError::Unreachable { socket, error },
+        }
+    })?;
+    let io = |error| StatusError::Io {
+        socket: socket.to_owned(),
+        error,
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let mut msg = serde_json::to_vec(&Request::Status {}).expect("a request encodes");
+    msg.push(b'\n');
+    stream.write_all(&msg).map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+    match serde_json::from_str::<Response>(&line) {
+        Ok(Response::Status(s)) => Ok(s),
+        Ok(Response::Error { message }) => Err(StatusError::Refused(message)),
+        Ok(Response::Queued { .. }) => Err(StatusError::Unexpected),
+        Err(_) => Err(StatusError::Unreadable(line)),
+    }
+}
+
+/// `n thing` or `n things`.
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Seconds since the epoch as a UTC time, `2026-12-02 00:45:55 UTC`.
+fn utc(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replacen('T', " ", 1)
+        .replace('Z', " UTC")
+}
+
+fn human(report: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "cache:       {}", report.cache);
+    let _ = writeln!(out, "uptime:      {}s", report.uptime_secs);
+    let _ = writeln!(
+        out,
+        "queue depth: {}",
+        count(report.queue_depth as u64, "entry", "entries")
+    );
+    let _ = writeln!(
+        out,
+        "in flight:   {}",
+        count(report.in_flight as u64, "path", "paths")
+    );
+    let _ = writeln!(
+        out,
         "published:   {}   failed: {}   rejected entries: {}{}",
         report.published,
         report.failed,
@@ -58,10 +153,24 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     );
     if !report.last_errors.is_empty() {
-        println!("last errors:");
+        let _ = writeln!(out, "last errors:");
         for e in &report.last_errors {
-            println!("  [{}] {}", e.at, e.message);
+            let _ = writeln!(out, "  {}  {}", utc(e.at), e.message);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_plurals_are_for_people() {
+        assert_eq!(utc(1796156425), "2026-12-01 20:20:25 UTC");
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(count(1, "entry", "entries"), "1 entry");
+        assert_eq!(count(0, "entry", "entries"), "0 entries");
+        assert_eq!(count(2, "path", "paths"), "2 paths");
+    }
 }

@@ -26,7 +26,15 @@ use nixpush::store::{NixStore, Store as _};
 
 use super::ConfigArg;
 
+const EXAMPLES: &str = "\
+Examples:
+  nixpush verify file:///srv/cache --trusted-key cache.example.org-1:BASE64
+  nixpush verify --deep 's3://my-cache?region=eu-west-1'
+  nixpush verify --repair --key-file /etc/nixpush/signing-key /srv/cache
+  nixpush verify --json /srv/cache";
+
 #[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
 pub struct VerifyArgs {
     /// The cache, in any form `push --to` takes [default: the configured `cache`].
     #[arg(value_name = "CACHE")]
@@ -119,9 +127,10 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if signing.is_empty() && keys_from_config {
         if let Some(cfg) = &config {
             for f in cfg.resolved_key_files(&config_path) {
-                let key = super::read_key(&f).with_context(|| {
+                let key = super::read_key(&f.path).with_context(|| {
+                    let how = f.relative_to.map(|h| format!(" ({h})")).unwrap_or_default();
                     format!(
-                        "key-files in {} (give --trusted-key NAME:KEY, and --key-file for \
+                        "key-files in {}{how} (give --trusted-key NAME:KEY, and --key-file for \
                          --repair, where this user cannot read it)",
                         config_path.display()
                     )

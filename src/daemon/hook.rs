@@ -5,7 +5,8 @@
 //! small, synchronous and quick: read `OUT_PATHS` (or, when Nix leaves it empty as 2.8.0 does,
 //! `DRV_PATH` as `<drv>^*`), hand the request to the daemon and wait for its acknowledgement
 //! that the request is durable. If the daemon is down or slow, write the queue entry directly
-//! (temporary file, then rename) and return. "Slow" is `hook.timeout-ms` for the whole
+//! (temporary file, then rename) and return; if it refuses the request, say what it said and
+//! do not queue it (a refusal is final). "Slow" is `hook.timeout-ms` for the whole
 //! exchange: the `connect` (which waits when the daemon's listen queue is full), sending the
 //! request and reading the answer. By default the hook never fails the build: if even
 //! that fails it says so on stderr and exits 0 (`hook.fail-build-on-error` changes this).
@@ -22,6 +23,12 @@ use crate::daemon::queue::Queue;
 
 /// Run the hook with the configuration at `config_path` (a missing file means the defaults).
 pub fn run(config_path: &Path) -> ExitCode {
+    // A missing file is a set-up mistake (a wrong NIXPUSH_CONFIG, a config not yet installed):
+    // say so, and do not create the default queue directory on its strength alone.
+    let missing = matches!(
+        std::fs::metadata(config_path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    );
     let cfg = match Config::load_unchecked(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -29,6 +36,16 @@ pub fn run(config_path: &Path) -> ExitCode {
             Config::default()
         }
     };
+    if missing {
+        eprintln!(
+            "nixpush hook: config {} does not exist (set NIXPUSH_CONFIG to the daemon's config, \
+             or install one at {}); using the default socket {} and queue directory {}",
+            config_path.display(),
+            crate::config::DEFAULT_PATH,
+            cfg.socket.display(),
+            cfg.queue_dir.display()
+        );
+    }
     let items = items_from_env();
     if items.is_empty() {
         eprintln!("nixpush hook: neither OUT_PATHS nor DRV_PATH is set; nothing to publish");
@@ -37,9 +54,30 @@ pub fn run(config_path: &Path) -> ExitCode {
     let timeout = Duration::from_millis(cfg.hook.timeout_ms.max(1));
     let why = match send(&cfg.socket, &items, timeout) {
         Ok(()) => return ExitCode::SUCCESS,
+        // A refusal is the daemon's answer, final for this request: queueing it would only
+        // have the daemon reject it again, later and out of sight.
+        Err(SendError::Refused(message)) => {
+            eprintln!(
+                "nixpush hook: the daemon at {} refused the request: {message}; not queued",
+                cfg.socket.display()
+            );
+            return if cfg.hook.fail_build_on_error {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
         Err(why) => why,
     };
-    match Queue::at(&cfg.queue_dir).enqueue_raw(&items) {
+    let queued = if missing && !cfg.queue_dir.is_dir() {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "it does not exist, and without a config it is not created",
+        ))
+    } else {
+        Queue::at(&cfg.queue_dir).enqueue_raw(&items)
+    };
+    match queued {
         Ok(name) => {
             eprintln!(
                 "nixpush hook: daemon not reachable ({why}); queued as {}",

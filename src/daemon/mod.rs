@@ -134,7 +134,7 @@ pub async fn run(
     let _watcher = start_watcher(&shared);
     let worker_rt = WorkerRuntime::new().map_err(StartError::Worker)?;
     let worker = worker_rt.spawn(worker::worker(shared.clone(), stop_rx.clone()));
-    let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
+
     if let Some(interval) = crate::daemon::systemd::watchdog_interval() {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -150,6 +150,8 @@ pub async fn run(
         cache = %shared.pusher.backend_description(),
         "nixpush daemon started"
     );
+    // After the line above, so the log reads in the order things happen.
+    let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
     // The accept loop runs as a task on a runtime thread, not in the caller's `block_on`: a
     // connection it spawns then starts on the same thread (tokio runs the task spawned last
     // next), with no hand-over to another thread on the way to the acknowledgement.

@@ -31,6 +31,11 @@ pub enum KeyError {
         expected: usize,
         actual: usize,
     },
+    #[error(
+        "key {name:?} is a public key (32 bytes); the secret key (64 bytes) is the other file \
+         of the pair"
+    )]
+    PublicNotSecret { name: String },
     #[error("key {name:?}: the public half does not match the secret half")]
     Mismatch { name: String },
     #[error("key {name:?}: not a valid ed25519 public key")]
@@ -58,6 +63,11 @@ pub struct SecretKey {
 impl SecretKey {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let (name, bytes) = split_key(s)?;
+        // The likeliest mistake: the `.pub` file of the pair where the secret one belongs.
+        if bytes.len() == 32 && VerifyingKey::from_bytes(&bytes[..].try_into().expect("32")).is_ok()
+        {
+            return Err(KeyError::PublicNotSecret { name });
+        }
         let bytes: [u8; 64] = bytes.try_into().map_err(|b: Vec<u8>| KeyError::Length {
             name: name.clone(),
             expected: 64,
@@ -230,7 +240,16 @@ mod tests {
         let pk = SecretKey::from_seed("k", [1; 32]).unwrap().public();
         assert!(matches!(
             SecretKey::parse(&pk.to_file_string()),
-            Err(KeyError::Length { expected: 64, .. })
+            Err(KeyError::PublicNotSecret { name }) if name == "k"
+        ));
+        // Any other length is only the wrong length.
+        assert!(matches!(
+            SecretKey::parse(&format!("k:{}", BASE64.encode([7u8; 33]))),
+            Err(KeyError::Length {
+                expected: 64,
+                actual: 33,
+                ..
+            })
         ));
     }
 }

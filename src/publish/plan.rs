@@ -10,16 +10,15 @@
 //! Rules:
 //! 1. Every path a request names (paths, and the derivations of `Outputs`) must be valid, or
 //!    the request fails for good, naming them: checked for all at once, before anything else.
-//! 2. A derivation's outputs that are not built (or, content-addressed, not yet known) are left
-//!    out with a warning: a request for what does not exist yet publishes what does.
+//! 2. A derivation whose outputs are asked for must be built: an output not built (or,
+//!    content-addressed, not yet known) fails the request for good, naming the derivation
+//!    (building is not ours to do, and leaving it out silently published less than asked).
 //!
 //! Cost: one validity query for the named paths, one pipelined batch for the derivations'
 //! output maps and one validity query for their outputs; nothing for requests without
 //! derivations beyond the first.
 
 use std::collections::BTreeSet;
-
-use tracing::warn;
 
 use crate::formats::StorePath;
 use crate::store::{Store, StoreError};
@@ -71,25 +70,37 @@ pub async fn resolve(store: &dyn Store, roots: &[Root]) -> Result<Vec<StorePath>
     let drvs: Vec<StorePath> = drvs.into_iter().collect();
     let maps = store.derivation_outputs(&drvs).await?;
     let mut outputs = Vec::new();
+    let mut unknown: Vec<(&StorePath, String)> = Vec::new();
     for (drv, map) in drvs.iter().zip(maps) {
         for (name, path) in map {
             match path {
-                Some(p) => outputs.push(p),
-                None => warn!(
-                    drv = %store.store_dir().display(drv),
-                    output = %name,
-                    "output is not built (its path is not known yet); not publishing it"
-                ),
+                Some(p) => outputs.push((drv, name, p)),
+                None => unknown.push((drv, name)),
             }
         }
     }
-    let built = store.valid_paths(&outputs).await?;
-    for o in outputs {
-        if built.contains(&o) {
-            out.insert(o);
+    let paths: Vec<StorePath> = outputs.iter().map(|(_, _, p)| p.clone()).collect();
+    let built = store.valid_paths(&paths).await?;
+    for (drv, name, p) in outputs {
+        if built.contains(&p) {
+            out.insert(p);
         } else {
-            warn!(path = %store.store_dir().display(&o), "derivation output is not built; not publishing it");
+            unknown.push((drv, format!("{name} ({})", store.store_dir().display(&p))));
         }
+    }
+    // The first derivation with missing outputs, all of its missing outputs named.
+    if let Some((drv, _)) = unknown.iter().min_by_key(|(d, _)| *d) {
+        let drv = *drv;
+        let mut missing: Vec<String> = unknown
+            .iter()
+            .filter(|(d, _)| *d == drv)
+            .map(|(_, o)| o.clone())
+            .collect();
+        missing.sort();
+        return Err(StoreError::NotBuilt {
+            drv: store.store_dir().display(drv),
+            outputs: missing,
+        });
     }
     Ok(out.into_iter().collect())
 }

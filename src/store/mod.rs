@@ -79,6 +79,13 @@ pub enum StoreError {
     Invalid(Vec<String>),
     #[error("store directory {0:?} (from NIX_STORE_DIR) is not an absolute path")]
     StoreDir(String),
+    /// A derivation whose outputs were asked for, some not built: final, as building is not
+    /// ours to do. `outputs` names each missing output (`out`, or `out (/nix/store/...)`).
+    #[error(
+        "derivation {drv} is not built (output {}); build it first, e.g. `nix-store --realise {drv}`",
+        outputs.join(", ")
+    )]
+    NotBuilt { drv: String, outputs: Vec<String> },
 }
 
 impl StoreError {

@@ -297,6 +297,25 @@ pub fn nix_build_expr(
     (paths, out)
 }
 
+/// A derivation that is not built (only instantiated).
+pub fn unbuilt_drv() -> String {
+    let expr = concat!(
+        "{ salt }:\nlet\n",
+        nix_mk!(),
+        "in mk \"np-unbuilt\" \"echo never > $out\"\n"
+    );
+    let out = run_ok(Command::new("nix-instantiate").args([
+        "--expr",
+        expr,
+        "--argstr",
+        "salt",
+        &unique("unbuilt"),
+    ]));
+    let drv = out.stdout.trim().to_owned();
+    assert!(drv.ends_with(".drv"), "{}", out.report());
+    drv
+}
+
 /// Build attributes of [`CLOSURE_NIX`] with `nix-build`; their output paths, in order.
 pub fn nix_build(attrs: &[&str]) -> Vec<String> {
     let mut cmd = Command::new("nix-build");
