@@ -7,6 +7,7 @@
 //! | `compression`          | none, xz, bzip2 or zstd                          |
 //! | `secret-key`           | a secret key file to sign with                   |
 //! | `parallel-compression` | `true`/`false`: several threads for one large NAR |
+//! | `write-nar-listing`    | `true`/`false`: also write each NAR's listing (`<hash>.ls`) |
 
 use std::path::PathBuf;
 
@@ -20,6 +21,7 @@ pub struct Address {
     pub compression: Option<Compression>,
     pub secret_key: Option<PathBuf>,
     pub parallel_compression: Option<bool>,
+    pub write_nar_listing: Option<bool>,
 }
 
 /// Each message is whole by itself: a cause is part of it and not also the `source()`.
@@ -30,8 +32,8 @@ pub enum AddressError {
         addr: String,
         error: UnknownCompression,
     },
-    #[error("cache address {0:?}: parallel-compression must be true or false")]
-    Parallel(String),
+    #[error("cache address {addr:?}: {param} must be true or false")]
+    Bool { addr: String, param: &'static str },
     #[error(
         "cache address {addr:?} looks like a mistyped URL: did you mean {suggestion:?}? \
          (a plain directory path must be absolute or start with \".\")"
@@ -86,6 +88,15 @@ impl Address {
             compression: None,
             secret_key: None,
             parallel_compression: None,
+            write_nar_listing: None,
+        };
+        let boolean = |param: &'static str, v: &str| match v {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(AddressError::Bool {
+                addr: addr.to_owned(),
+                param,
+            }),
         };
         let mut rest = url::form_urlencoded::Serializer::new(String::new());
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
@@ -99,11 +110,10 @@ impl Address {
                 }
                 "secret-key" => out.secret_key = Some(PathBuf::from(&*v)),
                 "parallel-compression" => {
-                    out.parallel_compression = Some(match &*v {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => return Err(AddressError::Parallel(addr.to_owned())),
-                    })
+                    out.parallel_compression = Some(boolean("parallel-compression", &v)?)
+                }
+                "write-nar-listing" => {
+                    out.write_nar_listing = Some(boolean("write-nar-listing", &v)?)
                 }
                 _ => {
                     rest.append_pair(&k, &v);
@@ -134,7 +144,18 @@ mod tests {
         let b = Address::parse("file:///tmp/c?bogus=1").unwrap();
         assert_eq!(b.backend, "file:///tmp/c?bogus=1");
         assert!(Address::parse("file:///c?compression=lz9").is_err());
-        assert!(Address::parse("file:///c?parallel-compression=maybe").is_err());
+        assert_eq!(
+            Address::parse("file:///c?parallel-compression=maybe")
+                .unwrap_err()
+                .to_string(),
+            "cache address \"file:///c?parallel-compression=maybe\": parallel-compression \
+             must be true or false"
+        );
+        let l = Address::parse("s3://b?write-nar-listing=true&region=x").unwrap();
+        assert_eq!(
+            (l.write_nar_listing, l.backend.as_str()),
+            (Some(true), "s3://b?region=x")
+        );
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub struct Config {
     /// Also publish the build logs of the derivations the daemon publishes the outputs of.
     #[serde(default)]
     pub upload_logs: bool,
+    /// Also write each NAR's listing (`<hash>.ls`), as Nix's `?write-nar-listing=true` does, so
+    /// that `nix store ls --store CACHE` needs no NAR; the address's own parameter wins.
+    #[serde(default)]
+    pub write_nar_listing: bool,
     #[serde(default = "defaults::socket")]
     pub socket: PathBuf,
     #[serde(default = "defaults::queue_dir")]

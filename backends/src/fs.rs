@@ -171,9 +171,10 @@ fn temp_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
 }
 
 /// Start writing `file`'s dirty pages to disk, without waiting for them: the first step of a
-/// batch's flush (see the module doc). Only a hint: where it fails, the `fdatasync` that
-/// follows does the whole work.
-fn start_writeback(file: &fs::File) {
+/// batch's flush (see the module doc), and what a writer staging a file for this backend
+/// calls once the file is whole, so that the batch's flush finds it written. Only a hint:
+/// where it fails, the `fdatasync` that follows does the whole work.
+pub fn start_writeback(file: &fs::File) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd as _;

@@ -91,6 +91,7 @@ async fn serve(
         keys,
         skip_signed_by: cfg.skip_signed_by.clone(),
         logs: cfg.upload_logs,
+        nar_listing: addr.write_nar_listing.unwrap_or(cfg.write_nar_listing),
     };
     // The socket file we bind, to remove on a clean exit; systemd's is systemd's to keep.
     let mut ours = None;

@@ -259,6 +259,7 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         keys,
         skip_signed_by: args.skip_signed_by.clone(),
         logs: args.logs,
+        nar_listing: addr.write_nar_listing.unwrap_or(false),
     };
     let progress = Progress::new(sd.clone());
     let pusher = Pusher::new(Arc::new(store), backend.clone(), opts);

@@ -254,6 +254,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         keys: signing,
         skip_signed_by: Vec::new(),
         logs: false,
+        nar_listing: false,
     };
     let mended = repair::repair(store, backend.clone(), &report, push, out.repair_sink()).await?;
     let after = verify::verify(&*backend, dir.as_deref(), &opts, out.quiet_sink())

@@ -61,6 +61,9 @@ pub struct PushOptions {
     /// Also publish the build logs of the derivations that produced the published paths
     /// (see [`logs`]).
     pub logs: bool,
+    /// Also write each NAR's listing, `<hash>.ls`, as Nix does with `?write-nar-listing=true`
+    /// (see [`crate::formats::nar::Lister`]).
+    pub nar_listing: bool,
 }
 
 /// What happened, for progress displays.
@@ -191,6 +194,7 @@ impl PathError {
                 | pipeline::PipelineError::Staging { .. }
                 | pipeline::PipelineError::Stream(_) => true,
                 pipeline::PipelineError::Dump(nar::DumpError::UnsupportedType(_))
+                | pipeline::PipelineError::Listing(_)
                 | pipeline::PipelineError::Level { .. } => false,
             },
             PathError::Store(e) => e.is_transient(),

@@ -50,8 +50,16 @@ pub(super) async fn publish_one(
         let compress = ctx.opts.compress;
         let size = info.nar_size;
         let contexts = ctx.contexts.clone();
+        let listing = ctx.opts.nar_listing;
         let staged = tokio::task::spawn_blocking(move || {
-            pipeline::stage(source, staging.as_deref(), compress, size, &contexts)
+            pipeline::stage(
+                source,
+                staging.as_deref(),
+                compress,
+                size,
+                &contexts,
+                listing,
+            )
         })
         .await
         .map_err(|e| PathError::Internal(e.to_string()))??;
@@ -99,6 +107,24 @@ pub(super) async fn publish_one(
         match batcher {
             Some(b) => b.put(put, staged.file_size).await?,
             None => ctx.backend.put(&put.key, put.body, put.opts).await?,
+        }
+        // The listing goes before the narinfo, so that a reader who finds one finds both.
+        if let Some(listing) = staged.listing {
+            let put = Put {
+                key: format!("{}.ls", info.path.hash_part()),
+                body: Body::Bytes(listing.into()),
+                opts: PutOptions {
+                    mode: PutMode::Overwrite,
+                    content_type: "application/json",
+                },
+            };
+            match &ctx.batcher {
+                Some(b) => {
+                    let len = put_len(&put);
+                    b.put(put, len).await?;
+                }
+                None => ctx.backend.put(&put.key, put.body, put.opts).await?,
+            }
         }
         (key, meta)
     };
@@ -178,5 +204,13 @@ pub(super) async fn publish_one(
             Ok(Outcome::Raced)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The size of an in-memory object.
+fn put_len(put: &Put) -> u64 {
+    match &put.body {
+        Body::Bytes(b) => b.len() as u64,
+        Body::File(_) => 0,
     }
 }

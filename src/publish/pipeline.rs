@@ -43,6 +43,9 @@ pub enum PipelineError {
     // The cause is in the message, so it is not also the `source()` (printed once).
     #[error("cannot create a staging file in {dir}: {error}")]
     Staging { dir: String, error: io::Error },
+    /// The listing of a NAR we hashed: only a NAR that is not one (caught by its NarHash too).
+    #[error("cannot list the NAR: {0}")]
+    Listing(String),
     #[error("{compression} compression level {level} is out of range ({range})")]
     Level {
         compression: Compression,
@@ -59,6 +62,8 @@ pub struct Staged {
     pub nar_size: u64,
     pub file_hash: Sha256,
     pub file_size: u64,
+    /// The NAR's `.ls` listing (JSON), when asked for.
+    pub listing: Option<Vec<u8>>,
 }
 
 /// Check a level before any work starts, so a bad one is reported once, not per path.
@@ -90,6 +95,7 @@ pub fn stage(
     opts: CompressOptions,
     size_hint: u64,
     contexts: &Contexts,
+    listing: bool,
 ) -> Result<Staged, PipelineError> {
     validate_level(opts.compression, opts.level)?;
     let dir = staging_dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
@@ -123,7 +129,14 @@ pub fn stage(
         zstd_ctx.as_mut(),
     )
     .map_err(sink_err)?;
-    let nar_side = BufWriter::with_capacity(WRITE_BUF, HashingWriter::new(encoder));
+    let lister = listing.then(nar::Lister::new);
+    let nar_side = BufWriter::with_capacity(
+        WRITE_BUF,
+        Listed {
+            inner: HashingWriter::new(encoder),
+            lister,
+        },
+    );
 
     let nar_side = match source {
         NarSource::Files(path) => nar::dump(&path, nar_side)?,
@@ -133,9 +146,16 @@ pub fn stage(
             nar_side
         }
     };
-    let nar_hashing = nar_side
+    let Listed {
+        inner: nar_hashing,
+        lister,
+    } = nar_side
         .into_inner()
         .map_err(|e| sink_err(e.into_error()))?;
+    let listing = lister
+        .map(nar::Lister::finish)
+        .transpose()
+        .map_err(PipelineError::Listing)?;
     let (encoder, nar_hash, nar_size) = nar_hashing.finish();
     let file_side = encoder.finish().map_err(sink_err)?;
     if let Some(ctx) = zstd_ctx {
@@ -145,6 +165,11 @@ pub fn stage(
     let file = buffered
         .into_inner()
         .map_err(|e| sink_err(e.into_error()))?;
+    // Staged where the cache lives (a local directory): its writeback starts now, behind the
+    // next NAR's compression, rather than when its batch is flushed.
+    if staging_dir.is_some() {
+        nixpush_backends::fs::start_writeback(&file);
+    }
     drop(file);
     Ok(Staged {
         file: path,
@@ -152,7 +177,28 @@ pub fn stage(
         nar_size,
         file_hash,
         file_size,
+        listing,
     })
+}
+
+/// Passes the NAR's bytes on, and to a [`nar::Lister`] where a listing is wanted.
+struct Listed<W> {
+    inner: W,
+    lister: Option<nar::Lister>,
+}
+
+impl<W: Write> Write for Listed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(l) = &mut self.lister {
+            l.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Passes bytes through and hashes and counts what was written.
