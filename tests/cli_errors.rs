@@ -479,12 +479,10 @@ fn hook_says_its_config_is_missing() {
     let missing = tmp.path().join("nonexistent.toml");
     let default_queue = Path::new("/var/lib/nixpush/queue");
     let queue_was_there = default_queue.exists();
-    let out = run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_nixpush-hook"))
-            .env("NIXPUSH_CONFIG", &missing)
-            .env("OUT_PATHS", &small_closure().leaf)
-            .env_remove("DRV_PATH"),
-    );
+    let out = run(std::process::Command::new(&*NIXPUSH_HOOK)
+        .env("NIXPUSH_CONFIG", &missing)
+        .env("OUT_PATHS", &small_closure().leaf)
+        .env_remove("DRV_PATH"));
     assert_eq!(out.status.code(), Some(0), "{}", out.report());
     let first = out.stderr.lines().next().unwrap_or_default();
     assert_eq!(
@@ -918,7 +916,7 @@ fn every_command_has_help_with_examples() {
 #[test]
 fn the_hook_program_has_help_and_a_version() {
     let hook = || {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_nixpush-hook"));
+        let mut c = std::process::Command::new(&*NIXPUSH_HOOK);
         c.env("OUT_PATHS", "/nonexistent")
             .env("NIXPUSH_CONFIG", "/nonexistent.toml");
         c

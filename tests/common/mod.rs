@@ -27,6 +27,17 @@ pub static NIXPUSH: LazyLock<String> = LazyLock::new(|| {
     std::env::var("NIXPUSH_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_nixpush").to_owned())
 });
 
+/// The nixpush-hook binary: the one beside [`NIXPUSH`] (`scripts/e2e-runner unprivileged`
+/// copies both), else cargo's.
+pub static NIXPUSH_HOOK: LazyLock<String> =
+    LazyLock::new(|| match std::env::var("NIXPUSH_TEST_BIN") {
+        Ok(bin) => Path::new(&bin)
+            .with_file_name("nixpush-hook")
+            .display()
+            .to_string(),
+        Err(_) => env!("CARGO_BIN_EXE_nixpush-hook").to_owned(),
+    });
+
 /// What a finished command printed.
 #[derive(Debug)]
 pub struct Out {
