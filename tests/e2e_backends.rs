@@ -31,19 +31,7 @@ use common::*;
 
 /// `nixpush` with explicit S3 test keys and no way to reach cloud metadata.
 fn nixpush_s3() -> Command {
-    let mut c = nixpush();
-    for v in [
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_CONFIG_FILE",
-        "AWS_SHARED_CREDENTIALS_FILE",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("AWS_ACCESS_KEY_ID", testbeds::S3_ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", testbeds::S3_SECRET_KEY)
-        .env("AWS_EC2_METADATA_DISABLED", "true");
-    c
+    nixpush_with_s3_keys(testbeds::S3_ACCESS_KEY, testbeds::S3_SECRET_KEY)
 }
 
 /// `nix copy --from URL --to ROOT PATHS`, trusting only `public_keys`, signatures required.

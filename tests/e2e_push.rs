@@ -388,14 +388,8 @@ fn tampered_nar_is_refused() {
     copy_dir(&p.cache, &cache);
     let ni = RawNarInfo::read(&cache, &c.leaf);
     let file = cache.join(ni.one("URL"));
-    let mut bytes = fs::read(&file).expect("NAR");
     // Change one byte of the file contents ("leaf ..." → "Leaf ..."), same length.
-    let at = bytes
-        .windows(5)
-        .position(|w| w == b"leaf ")
-        .expect("leaf contents in the NAR");
-    bytes[at] = b'L';
-    fs::write(&file, &bytes).expect("write NAR");
+    corrupt_at(&file, b"leaf ", b'L');
     assert_nix_refuses(&cache, &p.keys.public_key(), "hash mismatch", &c.leaf);
 }
 

@@ -222,13 +222,7 @@ fn a_flipped_byte_is_found_by_deep() {
     let c = small_closure();
     let cache = Cache::new("none");
     let (file, url) = cache.nar(&c.leaf);
-    let mut bytes = fs::read(&file).expect("NAR");
-    let at = bytes
-        .windows(5)
-        .position(|w| w == b"leaf ")
-        .expect("the leaf's contents in its NAR");
-    bytes[at] = b'L';
-    fs::write(&file, &bytes).expect("write NAR");
+    corrupt_at(&file, b"leaf ", b'L');
     // Same size: only reading it can tell.
     cache.verify_whole(&[]);
     let ni = RawNarInfo::read(&cache.dir, &c.leaf);
@@ -682,21 +676,7 @@ fn verify_and_repair_over_s3() {
     let keys = nixpush_keygen(tmp.path(), "verify-s3.example.org-1");
     let prefix = unique("verify-cache");
     let to = sw.address(bucket, &prefix);
-    let s3 = || {
-        let mut cmd = nixpush();
-        for v in [
-            "AWS_PROFILE",
-            "AWS_SESSION_TOKEN",
-            "AWS_CONFIG_FILE",
-            "AWS_SHARED_CREDENTIALS_FILE",
-        ] {
-            cmd.env_remove(v);
-        }
-        cmd.env("AWS_ACCESS_KEY_ID", testbeds::S3_ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", testbeds::S3_SECRET_KEY)
-            .env("AWS_EC2_METADATA_DISABLED", "true");
-        cmd
-    };
+    let s3 = || nixpush_with_s3_keys(testbeds::S3_ACCESS_KEY, testbeds::S3_SECRET_KEY);
     run_ok(&mut push_cmd(s3(), &to, &keys, &c.small));
     let verify = |args: &[&str]| {
         run(s3()

@@ -38,6 +38,42 @@ pub static NIXPUSH_HOOK: LazyLock<String> =
         Err(_) => env!("CARGO_BIN_EXE_nixpush-hook").to_owned(),
     });
 
+/// `nixpush` with the S3 keys given (the testbed's), no other AWS settings from the
+/// environment, and no way to reach cloud metadata.
+pub fn nixpush_with_s3_keys(access_key: &str, secret_key: &str) -> Command {
+    let mut c = nixpush();
+    for v in [
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("AWS_ACCESS_KEY_ID", access_key)
+        .env("AWS_SECRET_ACCESS_KEY", secret_key)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    c
+}
+
+/// Change the first byte of `needle` in `file` to `to`, keeping its length: a corruption only
+/// reading the file can find.
+pub fn corrupt_at(file: &Path, needle: &[u8], to: u8) {
+    let mut bytes = fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| {
+            panic!(
+                "{:?} not in {}",
+                String::from_utf8_lossy(needle),
+                file.display()
+            )
+        });
+    bytes[at] = to;
+    fs::write(file, &bytes).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+}
+
 /// What a finished command printed.
 #[derive(Debug)]
 pub struct Out {
