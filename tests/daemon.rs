@@ -1323,3 +1323,50 @@ fn an_unbuilt_derivation_is_rejected_with_the_reason() {
         "{log}"
     );
 }
+
+/// Under systemd the daemon's stderr is the journal, which `JOURNAL_STREAM` names (device and
+/// inode): every line then carries its syslog priority (`<3>` error … `<7>` debug) and no
+/// time of its own, so that `journalctl -p warning` shows warnings and errors only.
+#[test]
+fn under_journald_every_line_carries_its_priority() {
+    use std::os::unix::fs::MetadataExt as _;
+    let setup = Setup::new("");
+    // The log file plays the journal's stream.
+    fs::File::create(&setup.log).expect("log");
+    let meta = fs::metadata(&setup.log).expect("log");
+    let mut cmd = setup.daemon_command();
+    cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    let daemon = setup.start_with(cmd);
+    setup.write_entry("outside", "/etc/passwd\n");
+    wait_until(
+        PATIENCE,
+        || format!("rejection; rejected/: {:?}", setup.rejected()),
+        || setup.rejected().len() == 2,
+    );
+    daemon.terminate(Duration::from_secs(20));
+    let log = fs::read_to_string(&setup.log).expect("log");
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    for l in &lines {
+        let b = l.as_bytes();
+        assert!(
+            b.len() > 3 && b[0] == b'<' && (b'0'..=b'7').contains(&b[1]) && b[2] == b'>',
+            "a line without its priority: {l:?}\n{log}"
+        );
+        assert!(
+            !l[3..].starts_with(|c: char| c.is_ascii_digit()),
+            "journald stamps lines itself: {l:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("daemon started")),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<3>") && l.contains("rejecting queue entry")),
+        "{log}"
+    );
+}

@@ -88,18 +88,72 @@ pub fn init_tracing(verbose: u8, default: &str) {
         1 => "info",
         _ => "debug",
     };
+    // object_store logs every retry of a request at info: during an outage, most of the log.
+    // Our own lines say what failed and when the next try is.
+    let directive = format!("{directive},object_store::client::retry=warn");
     let filter =
         EnvFilter::try_from_env("NIXPUSH_LOG").unwrap_or_else(|_| EnvFilter::new(directive));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // journald stamps every line itself.
-    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().try_init()
+        .with_writer(std::io::stderr);
+    let _ = if stderr_is_the_journal() {
+        // journald stamps every line itself, and reads its priority from a `<N>` prefix.
+        builder
+            .event_format(JournalPriority(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
+            ))
+            .try_init()
     } else {
-        builder.try_init()
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
     };
+}
+
+/// Whether stderr is the stream systemd connected to the journal: `JOURNAL_STREAM` holds its
+/// `device:inode` (systemd.exec(5)); a child whose stderr was redirected elsewhere inherits
+/// the variable but not the stream.
+fn stderr_is_the_journal() -> bool {
+    let Some(var) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = var.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(st) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino)
+}
+
+/// Prefixes each line with its syslog priority (`<3>` error, `<4>` warning, `<6>` info,
+/// `<7>` debug and trace), as sd-daemon(3) describes, so that `journalctl -p warning` shows
+/// warnings and errors only.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 pub fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
