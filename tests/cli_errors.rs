@@ -855,13 +855,14 @@ fn an_interrupted_push_leaves_no_temporary_files() {
     assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
 }
 
-const COMMANDS: [&str; 9] = [
+const COMMANDS: [&str; 10] = [
     "push",
     "keygen",
     "daemon",
     "hook",
     "status",
     "verify",
+    "queue",
     "help",
     "completions",
     "man",
@@ -907,7 +908,7 @@ fn every_command_has_help_with_examples() {
     error_line_is(
         &out,
         "no command \"pusj\"; the commands are: push, keygen, daemon, hook, status, verify, \
-         help, completions, man",
+         queue, help, completions, man",
         "pusj",
     );
 }

@@ -1370,3 +1370,71 @@ fn under_journald_every_line_carries_its_priority() {
         "{log}"
     );
 }
+
+/// `nixpush queue`: the rejected entries with their reasons; one retried once the path it
+/// names is built gets published; one dropped is gone; a name that is not there is said so.
+#[test]
+fn rejected_entries_are_listed_retried_and_dropped() {
+    const LATER_NIX: &str = r#"
+{ salt }:
+derivation {
+  name = "np-queue-later";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo ${salt} > $out" ];
+}
+"#;
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    let salt = unique("queue-later");
+    let drv = run_ok(
+        Command::new("nix-instantiate").args(["--expr", LATER_NIX, "--argstr", "salt", &salt]),
+    )
+    .stdout
+    .trim()
+    .to_owned();
+    let out = run_ok(Command::new("nix-store").args(["--query", "--outputs", &drv]))
+        .stdout
+        .trim()
+        .to_owned();
+    setup.write_entry("later", &format!("{out}\n"));
+    setup.write_entry("outside", "/etc/passwd\n");
+    wait_until(
+        PATIENCE,
+        || rejections(&setup, &daemon),
+        || setup.rejected().len() == 4,
+    );
+    let queue = |args: &[&str]| {
+        let mut c = nixpush();
+        c.arg("queue").args(args).arg("--config").arg(&setup.config);
+        c
+    };
+    let list = run_ok(&mut queue(&["list"]));
+    assert!(list.stdout.contains("later\n  "), "{}", list.report());
+    assert!(
+        list.stdout.contains(&out),
+        "the reason names the path: {}",
+        list.report()
+    );
+    assert!(list.stdout.contains("outside\n  "), "{}", list.report());
+    let json = run_ok(&mut queue(&["list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON");
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+
+    run_ok(Command::new("nix-store").args(["--realise", &drv]));
+    let retried = run_ok(&mut queue(&["retry", "later"]));
+    assert_eq!(retried.stdout, "later: back in the queue\n");
+    setup.wait_published(std::slice::from_ref(&out), &daemon);
+
+    let dropped = run_ok(&mut queue(&["drop", "--all"]));
+    assert_eq!(dropped.stdout, "outside: dropped\n");
+    assert!(setup.rejected().is_empty(), "{:?}", setup.rejected());
+    let missing = run_fail(&mut queue(&["retry", "nosuch"]));
+    assert!(
+        missing
+            .stderr
+            .contains("no rejected entry nosuch (see `nixpush queue list`)"),
+        "{}",
+        missing.report()
+    );
+}

@@ -6,6 +6,7 @@ mod hook;
 mod keygen;
 mod progress;
 mod push;
+mod queue;
 mod status;
 mod verify;
 
@@ -55,6 +56,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Check that every path in a cache can be substituted; --repair mends what is broken.
     Verify(verify::VerifyArgs),
+    /// List, retry or drop the queue entries the daemon rejected.
+    Queue(queue::QueueArgs),
     /// Print help about nixpush or one of its commands.
     Help(docs::HelpArgs),
     /// Print a shell's completion script for nixpush (bash, zsh, fish, ...).
@@ -203,6 +206,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Hook(args) => Ok(hook::run(args)),
         Command::Status(args) => status::run(args),
+        Command::Queue(args) => queue::run(args),
         Command::Keygen(args) => {
             init_tracing(cli.verbose, "warn");
             keygen::run(args)

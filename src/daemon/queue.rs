@@ -180,6 +180,24 @@ pub enum InvalidEntry {
     Parse(#[from] EntryError),
 }
 
+/// An entry the daemon moved to `rejected/`, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub entry: Entry,
+    pub reason: String,
+}
+
+/// Why `retry` or `drop_rejected` did nothing. Each message is whole by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueOpError {
+    #[error("no rejected entry {0} (see `nixpush queue list`)")]
+    NoSuchRejected(Entry),
+    #[error("an entry named {0} is already in the queue; drop one of them first")]
+    NameTaken(Entry),
+    #[error("rejected entry {0}: {1}")]
+    Io(Entry, io::Error),
+}
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Queue {
@@ -354,6 +372,66 @@ impl Queue {
         }
         sync_dir(&self.dir)?;
         Ok(name)
+    }
+
+    /// The entries in `rejected/`, oldest name first, each with the reason the daemon gave.
+    pub fn rejected(&self) -> io::Result<Vec<Rejected>> {
+        let dir = self.dir.join(REJECTED_DIR);
+        let rd = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            r => r?,
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let name = e?.file_name();
+            if name.as_bytes().ends_with(REASON_SUFFIX.as_bytes()) {
+                continue;
+            }
+            let reason = fs::read_to_string(dir.join(with_reason_suffix(&name)))
+                .map(|r| r.trim_end().to_owned())
+                .unwrap_or_else(|e| format!("(no reason file: {e})"));
+            out.push(Rejected {
+                entry: Entry { name },
+                reason,
+            });
+        }
+        out.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
+        Ok(out)
+    }
+
+    /// Put a rejected entry back in the queue (its reason goes), for the daemon to try again:
+    /// once what was wrong is put right (the path built, the cache's settings fixed).
+    pub fn retry(&self, name: &OsStr) -> Result<(), QueueOpError> {
+        let rejected = self.dir.join(REJECTED_DIR);
+        let from = rejected.join(name);
+        let to = self.dir.join(name);
+        if fs::symlink_metadata(&from).is_err() {
+            return Err(QueueOpError::NoSuchRejected(Entry::new(name)));
+        }
+        if fs::symlink_metadata(&to).is_ok() {
+            return Err(QueueOpError::NameTaken(Entry::new(name)));
+        }
+        fs::rename(&from, &to).map_err(|e| QueueOpError::Io(Entry::new(name), e))?;
+        let _ = fs::remove_file(rejected.join(with_reason_suffix(name)));
+        sync_dir(&self.dir)
+            .and_then(|()| sync_dir(&rejected))
+            .map_err(|e| QueueOpError::Io(Entry::new(name), e))
+    }
+
+    /// Remove a rejected entry and its reason for good.
+    pub fn drop_rejected(&self, name: &OsStr) -> Result<(), QueueOpError> {
+        let rejected = self.dir.join(REJECTED_DIR);
+        let path = rejected.join(name);
+        let meta = fs::symlink_metadata(&path)
+            .map_err(|_| QueueOpError::NoSuchRejected(Entry::new(name)))?;
+        let removed = if meta.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| QueueOpError::Io(Entry::new(name), e))?;
+        let _ = fs::remove_file(rejected.join(with_reason_suffix(name)));
+        sync_dir(&rejected).map_err(|e| QueueOpError::Io(Entry::new(name), e))
     }
 
     /// Leftover temporary files from writers that crashed, older than `age`.
