@@ -1375,20 +1375,12 @@ fn under_journald_every_line_carries_its_priority() {
 /// names is built gets published; one dropped is gone; a name that is not there is said so.
 #[test]
 fn rejected_entries_are_listed_retried_and_dropped() {
-    const LATER_NIX: &str = r#"
-{ salt }:
-derivation {
-  name = "np-queue-later";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "echo ${salt} > $out" ];
-}
-"#;
+    let later_nix = sh_derivation_nix("np-queue-later", "echo ${salt} > $out");
     let setup = Setup::new("");
     let daemon = setup.start();
     let salt = unique("queue-later");
     let drv = run_ok(
-        Command::new("nix-instantiate").args(["--expr", LATER_NIX, "--argstr", "salt", &salt]),
+        Command::new("nix-instantiate").args(["--expr", &later_nix, "--argstr", "salt", &salt]),
     )
     .stdout
     .trim()

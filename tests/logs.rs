@@ -11,20 +11,17 @@ use common::*;
 use daemon_support::{Setup, deriver_of};
 
 /// A derivation that writes a line of its own to its log, on stdout and stderr.
-const LOGGED_NIX: &str = r#"
-{ salt }:
-derivation {
-  name = "np-logged";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "echo 'build log of np-logged ${salt}'; echo 'and its stderr' >&2; echo ${salt} > $out" ];
+fn logged_nix() -> String {
+    sh_derivation_nix(
+        "np-logged",
+        "echo 'build log of np-logged ${salt}'; echo 'and its stderr' >&2; echo ${salt} > $out",
+    )
 }
-"#;
 
-/// Build [`LOGGED_NIX`] with a salt of its own; its output and the line its log must hold.
+/// Build [`logged_nix`] with a salt of its own; its output and the line its log must hold.
 fn build_logged() -> (String, String) {
     let salt = unique("logs");
-    let (paths, _) = nix_build_expr(LOGGED_NIX, &salt, &[], &[]);
+    let (paths, _) = nix_build_expr(&logged_nix(), &salt, &[], &[]);
     (paths[0].clone(), format!("build log of np-logged {salt}"))
 }
 

@@ -56,6 +56,15 @@ pub fn nixpush_with_s3_keys(access_key: &str, secret_key: &str) -> Command {
     c
 }
 
+/// A Nix expression of one derivation named `name`, taking `{ salt }`, whose builder is
+/// `/bin/sh -c SCRIPT` (the script may use `${salt}` and must write `$out`).
+pub fn sh_derivation_nix(name: &str, script: &str) -> String {
+    format!(
+        "{{ salt }}:\nderivation {{\n  name = \"{name}\";\n  system = builtins.currentSystem;\n  \
+         builder = \"/bin/sh\";\n  args = [ \"-c\" \"{script}\" ];\n}}\n"
+    )
+}
+
 /// Change the first byte of `needle` in `file` to `to`, keeping its length: a corruption only
 /// reading the file can find.
 pub fn corrupt_at(file: &Path, needle: &[u8], to: u8) {
