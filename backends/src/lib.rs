@@ -484,6 +484,17 @@ pub(crate) fn query_params<const N: usize>(
     Ok(values)
 }
 
+/// `key` as an object name below the cache's `prefix` (`prefix/key`), or as it is at a bucket's
+/// root; with an empty `key`, the folder the cache's keys start with (`prefix/` or nothing).
+#[cfg(any(feature = "s3", feature = "gcs"))]
+pub(crate) fn under_prefix(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}/{key}")
+    }
+}
+
 /// A [`ListPage`] from one listing response: `objects` (keys), `folders` (`dir/`) and whether
 /// the store said more follows, all relative to the cache. Keeps what sorts after
 /// `start_after`, in order, at most `size` entries. A page that is not the end is cut after its

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::error::{missing_bucket_error, response_error};
 use super::{GcsBackend, segment};
-use crate::{BackendError, ErrorKind, ListPage};
+use crate::{BackendError, ErrorKind, ListPage, under_prefix};
 
 /// Objects per page when listing (GCS's maximum).
 pub const LIST_PAGE: u32 = crate::LIST_PAGE_MAX as u32;
@@ -52,16 +52,8 @@ impl GcsBackend {
 
     /// Every key that starts with `prefix`.
     pub(super) async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
-        let full = if self.config.prefix.is_empty() {
-            prefix.to_owned()
-        } else {
-            format!("{}/{prefix}", self.config.prefix)
-        };
-        let strip = if self.config.prefix.is_empty() {
-            0
-        } else {
-            self.config.prefix.len() + 1
-        };
+        let full = under_prefix(&self.config.prefix, prefix);
+        let strip = under_prefix(&self.config.prefix, "").len();
         let page = self.list_page_size.to_string();
         let mut out = Vec::new();
         let mut token: Option<String> = None;
@@ -101,11 +93,7 @@ impl GcsBackend {
         &self,
         start_after: &str,
     ) -> Result<Option<ListPage>, BackendError> {
-        let base = if self.config.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.config.prefix)
-        };
+        let base = under_prefix(&self.config.prefix, "");
         let offset = format!("{base}{start_after}");
         let page = self.list_page_size.to_string();
         let mut query = vec![

@@ -107,11 +107,7 @@ impl GcsBackend {
         if !valid_key(key) {
             return Err(BackendError::invalid_key(op, key));
         }
-        Ok(if self.config.prefix.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}/{key}", self.config.prefix)
-        })
+        Ok(crate::under_prefix(&self.config.prefix, key))
     }
 
     fn url(&self, path: &str, query: &[(&str, &str)]) -> url::Url {

@@ -55,11 +55,7 @@ impl S3Backend {
     ) -> Result<Option<ListPage>, BackendError> {
         // The listing's prefix ends with `/` (S3 prefixes are plain string prefixes), and so
         // does every folder (CommonPrefix) it returns.
-        let base = if self.config.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.config.prefix)
-        };
+        let base = crate::under_prefix(&self.config.prefix, "");
         let opts = PaginatedListOptions {
             offset: (!start_after.is_empty()).then(|| format!("{base}{start_after}")),
             delimiter: Some("/".into()),

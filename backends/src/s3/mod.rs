@@ -126,11 +126,7 @@ impl S3Backend {
     }
 
     fn path(&self, op: &'static str, key: &str) -> Result<ObjPath, BackendError> {
-        let full = if self.config.prefix.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}/{key}", self.config.prefix)
-        };
+        let full = crate::under_prefix(&self.config.prefix, key);
         ObjPath::parse(&full)
             .ok()
             .filter(|_| !key.is_empty() && !key.ends_with('/'))
