@@ -190,6 +190,13 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The bytes an unprivileged writer may still put on the filesystem of `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let st =
+        rustix::fs::statvfs(path).unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
+    st.f_bavail * st.f_frsize
+}
+
 /// `BUCKET/PREFIX`, or `BUCKET` for an empty prefix.
 fn location(bucket: &str, prefix: &str) -> String {
     if prefix.is_empty() {
@@ -312,6 +319,14 @@ impl SeaweedFs {
         let d = dir.path().to_owned();
         fs::create_dir_all(d.join("data")).expect("mkdir");
         fs::create_dir_all(d.join("tmp")).expect("mkdir");
+        let free = free_bytes(&d);
+        assert!(
+            free > 1 << 30,
+            "SeaweedFS: only {} MiB are free on the disk of {}; its volumes turn read-only below \
+             256 MiB and the tests need room beside them: free some disk space",
+            free >> 20,
+            d.display()
+        );
         let mut identities = vec![format!(
             r#"{{"name":"tester","credentials":[{{"accessKey":"{S3_ACCESS_KEY}","secretKey":"{S3_SECRET_KEY}"}}],"actions":["Admin","Read","List","Tagging","Write"]}}"#
         )];
@@ -344,6 +359,10 @@ impl SeaweedFs {
                 "-master.volumeSizeLimitMB=256",
                 "-volume.max=100",
                 "-volume.preStopSeconds=0",
+                // By default SeaweedFS makes every volume read-only once less than 1% of the disk
+                // is free: 2.5 GiB of a 250 GiB disk, far more than the tests write, and every
+                // PUT then answers 500 InternalError after a minute.
+                "-volume.minFreeSpace=256MiB",
             ])
             .arg(format!("-master.port={master}"))
             .arg(format!("-master.port.grpc={master_grpc}"))
