@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::formats::Compression;
-use crate::publish::pipeline;
+use crate::publish::{filter, pipeline};
 
 pub const DEFAULT_PATH: &str = "/etc/nixpush/config.toml";
 
@@ -43,6 +43,14 @@ pub struct Config {
     /// that `nix store ls --store CACHE` needs no NAR; the address's own parameter wins.
     #[serde(default)]
     pub write_nar_listing: bool,
+    /// Store path names to leave out, as globs (`*-source`, `*.drv`); their referrers are left
+    /// out too (see [`crate::publish::filter`]).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Leave out paths whose NAR is larger than this (`4GiB`, `512MiB`, or bytes), and their
+    /// referrers.
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_nar_size: Option<u64>,
     #[serde(default = "defaults::socket")]
     pub socket: PathBuf,
     #[serde(default = "defaults::queue_dir")]
@@ -149,6 +157,24 @@ impl Default for Config {
 fn de_compression<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Compression, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
+}
+
+/// A size as a number of bytes or a string with a unit (`"4GiB"`).
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a size: a byte count, or a string such as \"4GiB\"")
+    })? {
+        Size::Bytes(n) => Ok(Some(n)),
+        Size::Text(t) => filter::parse_size(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 /// A signing key named by `key-files`, where it is looked for.
@@ -298,6 +324,8 @@ impl Config {
                 "no signing key: name one, or set allow-unsigned = true to publish unsigned paths on purpose".into(),
             ));
         }
+        self.filter()
+            .map_err(|e| invalid("exclude", e.to_string()))?;
         if !self.queue_dir.is_absolute() {
             return Err(invalid("queue-dir", "must be an absolute path".into()));
         }
@@ -305,6 +333,11 @@ impl Config {
             return Err(invalid("socket", "must be an absolute path".into()));
         }
         Ok(())
+    }
+
+    /// The paths to leave out, from `exclude` and `max-nar-size`.
+    pub fn filter(&self) -> Result<filter::Filter, filter::PatternError> {
+        filter::Filter::new(&self.exclude, self.max_nar_size)
     }
 
     pub fn socket_mode(&self) -> Result<u32, BadSocketMode> {

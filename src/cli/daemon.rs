@@ -92,6 +92,8 @@ async fn serve(
         skip_signed_by: cfg.skip_signed_by.clone(),
         logs: cfg.upload_logs,
         nar_listing: addr.write_nar_listing.unwrap_or(cfg.write_nar_listing),
+        filter: cfg.filter()?,
+        no_closure: false,
     };
     // The socket file we bind, to remove on a clean exit; systemd's is systemd's to keep.
     let mut ours = None;

@@ -11,6 +11,7 @@ use indicatif::HumanBytes;
 use nixpush::address::Address;
 use nixpush::formats::store_path::StorePathError;
 use nixpush::formats::{Compression, StoreDir, StorePath};
+use nixpush::publish::filter::{self, Filter};
 use nixpush::publish::pipeline::{self, CompressOptions};
 use nixpush::publish::plan::Root;
 use nixpush::publish::{PushOptions, Pusher};
@@ -77,6 +78,18 @@ pub struct PushArgs {
     /// this machine's Nix kept them, so that `nix log --store CACHE DRV` prints them.
     #[arg(long)]
     logs: bool,
+    /// Leave out paths whose name matches this glob (repeatable), e.g. '*-source' or '*.drv',
+    /// and the paths that refer to them (a cache never gets a path without its references).
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Leave out paths whose NAR is larger than SIZE (e.g. 4GiB, 512MiB, or bytes), and the
+    /// paths that refer to them.
+    #[arg(long, value_name = "SIZE", value_parser = nixpush::publish::filter::parse_size)]
+    max_nar_size: Option<u64>,
+    /// Push only the named paths, not their closures: their references must be in the
+    /// cache already (or named too).
+    #[arg(long)]
+    no_closure: bool,
     /// Store paths, paths inside them, or symlinks to them such as `./result`.
     /// A `.drv` also pushes its outputs, `DRV^*` only its outputs; they must be built.
     /// `-` reads standard input.
@@ -196,6 +209,13 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         (a, b) => a.or(b).unwrap_or(Compression::Zstd),
     };
     pipeline::validate_level(compression, args.compression_level)?;
+    let filter = Filter::new(&args.exclude, args.max_nar_size).map_err(|e| {
+        anyhow::anyhow!(
+            "--exclude {:?} is not a valid glob: {}",
+            e.pattern,
+            e.message
+        )
+    })?;
 
     let mut key_files = args.key_files.clone();
     key_files.extend(addr.secret_key.clone());
@@ -260,6 +280,8 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         skip_signed_by: args.skip_signed_by.clone(),
         logs: args.logs,
         nar_listing: addr.write_nar_listing.unwrap_or(false),
+        filter,
+        no_closure: args.no_closure,
     };
     let progress = Progress::new(sd.clone());
     let pusher = Pusher::new(Arc::new(store), backend.clone(), opts);
@@ -283,7 +305,11 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     let s = summary?;
 
     let secs = started.elapsed().as_secs_f64();
-    let mut line = if s.published == 0 && s.failed.is_empty() && s.raced == 0 {
+    let mut line = if s.published == 0
+        && s.failed.is_empty()
+        && s.raced == 0
+        && s.excluded.is_empty()
+    {
         let what = match roots.len() {
             1 => "that path and its closure".to_owned(),
             n => format!("all {n} paths and their closures"),
@@ -310,8 +336,19 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
             if s.logs == 1 { "" } else { "s" }
         ));
     }
+    if !s.excluded.is_empty() {
+        line.push_str(&format!("; {} left out by the filters", s.excluded.len()));
+    }
     if !s.failed.is_empty() {
         line.push_str(&format!("; {} FAILED", s.failed.len()));
+    }
+    let display = |p: &StorePath| sd.display(p);
+    for (path, why) in &s.excluded {
+        let why = filter::Explained {
+            why,
+            display: &display,
+        };
+        eprintln!("left out {}: {why}", sd.display(path));
     }
     eprintln!("{line}");
     // A log that could not be published leaves the paths published: a warning, not a failure.

@@ -142,8 +142,9 @@ fn human(report: &StatusReport) -> String {
     );
     let _ = writeln!(
         out,
-        "published:   {}   failed: {}   rejected entries: {}{}",
+        "published:   {}   left out: {}   failed: {}   rejected entries: {}{}",
         report.published,
+        report.excluded,
         report.failed,
         report.rejected,
         if report.retrying {

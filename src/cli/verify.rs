@@ -255,6 +255,8 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         skip_signed_by: Vec::new(),
         logs: false,
         nar_listing: false,
+        filter: Default::default(),
+        no_closure: false,
     };
     let mended = repair::repair(store, backend.clone(), &report, push, out.repair_sink()).await?;
     let after = verify::verify(&*backend, dir.as_deref(), &opts, out.quiet_sink())

@@ -42,7 +42,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::formats::{StoreDir, StorePath};
 use crate::publish::plan::Root;
-use crate::publish::{Event, EventSink, Failed, PushError, Pusher, Summary};
+use crate::publish::{Event, EventSink, Failed, PushError, Pusher, Summary, filter};
 use crate::store::Store;
 use protocol::{ErrorRecord, Request, Response, StatusReport};
 use queue::{Entry, Item, Queue, Read};
@@ -69,6 +69,7 @@ struct Shared {
 struct StatusState {
     in_flight: usize,
     published: u64,
+    excluded: u64,
     failed: u64,
     rejected: u64,
     retrying: bool,

@@ -42,6 +42,9 @@ pub struct StatusReport {
     /// Store paths being compressed or uploaded now.
     pub in_flight: usize,
     pub published: u64,
+    /// Paths left out by `exclude` or `max-nar-size`, or for referring to such a path.
+    #[serde(default)]
+    pub excluded: u64,
     pub failed: u64,
     pub rejected: u64,
     /// Whether the daemon is waiting out a backoff after failures.

@@ -419,6 +419,7 @@ pub(super) async fn status_report(shared: &Arc<Shared>) -> StatusReport {
         queue_depth: depth,
         in_flight: st.in_flight,
         published: st.published,
+        excluded: st.excluded,
         failed: st.failed,
         rejected: st.rejected,
         retrying: st.retrying,

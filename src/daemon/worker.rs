@@ -464,6 +464,18 @@ pub(super) async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<()
     let result = shared.pusher.push(roots, events).await;
     shared.status().in_flight = 0;
     let summary: Summary = result?;
+    if !summary.excluded.is_empty() {
+        let sd = shared.pusher.store().store_dir().clone();
+        let display = |p: &StorePath| sd.display(p);
+        for (path, why) in &summary.excluded {
+            let why = filter::Explained {
+                why,
+                display: &display,
+            };
+            info!(path = %sd.display(path), "left out: {why}");
+        }
+        shared.status().excluded += summary.excluded.len() as u64;
+    }
     if summary.published > 0 {
         info!(
             published = summary.published,

@@ -21,6 +21,7 @@
 //!    wins and the second does not rewrite it. `force` overwrites.
 
 mod batch;
+pub mod filter;
 pub mod logs;
 mod path;
 pub mod pipeline;
@@ -64,6 +65,11 @@ pub struct PushOptions {
     /// Also write each NAR's listing, `<hash>.ls`, as Nix does with `?write-nar-listing=true`
     /// (see [`crate::formats::nar::Lister`]).
     pub nar_listing: bool,
+    /// Paths to leave out, with their referrers (see [`filter`]).
+    pub filter: filter::Filter,
+    /// Publish only the named paths, not their closures: each needs its references in the
+    /// cache already (or among the named paths), or it is not published.
+    pub no_closure: bool,
 }
 
 /// What happened, for progress displays.
@@ -104,6 +110,8 @@ pub struct Summary {
     pub logs: usize,
     /// Build logs that could not be published, each with why (the paths are published).
     pub log_failures: Vec<String>,
+    /// Paths left out by the filter, each with why, references first.
+    pub excluded: Vec<(StorePath, filter::Exclusion)>,
 }
 
 /// A path that could not be published, and why. The error is shared with the [`Event::Failed`]
@@ -161,6 +169,11 @@ pub enum PathError {
     },
     #[error("not published because its reference {path} failed")]
     Reference { path: StorePath, transient: bool },
+    #[error(
+        "not published: it refers to {reference}, which the cache lacks, and --no-closure \
+         leaves it out; push without --no-closure, or push {reference} first"
+    )]
+    ReferenceAbsent { reference: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -201,6 +214,7 @@ impl PathError {
             PathError::HashMismatch { .. } => false,
             PathError::Backend(e) => is_transient_backend(e),
             PathError::Reference { transient, .. } => *transient,
+            PathError::ReferenceAbsent { .. } => false,
             PathError::Internal(_) => true,
         }
     }
@@ -297,14 +311,18 @@ impl Pusher {
     /// Publish the closure of `roots` (valid store paths; see [`Pusher::resolve`]).
     pub async fn push(&self, roots: &[StorePath], events: EventSink) -> Result<Summary, PushError> {
         self.ensure_cache_info().await?;
-        let (closure, present) = if self.opts.force {
+        let mut unmet = Vec::new();
+        let (closure, present) = if self.opts.no_closure {
+            self.named_only(roots, &mut unmet).await?
+        } else if self.opts.force {
             (store::closure(&*self.store, roots).await?, 0)
         } else {
             self.missing_closure(roots).await?
         };
         let mut summary = Summary {
-            closure: closure.len() + present,
+            closure: closure.len() + present + unmet.len(),
             present,
+            failed: unmet,
             ..Summary::default()
         };
 
@@ -319,10 +337,11 @@ impl Pusher {
             .map(|i| i.path.clone())
             .collect();
         summary.upstream = upstream.len();
-        let to_push: BTreeMap<StorePath, Arc<PathInfo>> = closure
+        let mut to_push: BTreeMap<StorePath, Arc<PathInfo>> = closure
             .into_iter()
             .filter(|(p, _)| !upstream.contains(p))
             .collect();
+        summary.excluded = self.opts.filter.apply(&mut to_push);
         events(&Event::Planned {
             closure: summary.closure,
             present: summary.present,
@@ -399,6 +418,69 @@ impl Pusher {
             }
         }
         Ok((missing, present))
+    }
+
+    /// `--no-closure`: the named paths the cache lacks (all of them with `force`), without
+    /// their closures. A path whose reference is neither in the cache nor named cannot be
+    /// published (rule 3): it goes to `unmet`, and so does a named path that refers to it.
+    async fn named_only(
+        &self,
+        roots: &[StorePath],
+        unmet: &mut Vec<Failed>,
+    ) -> Result<(BTreeMap<StorePath, Arc<PathInfo>>, usize), PushError> {
+        let here = if self.opts.force {
+            HashSet::new()
+        } else {
+            self.present(roots).await?
+        };
+        let absent: Vec<StorePath> = roots
+            .iter()
+            .filter(|p| !here.contains(*p))
+            .cloned()
+            .collect();
+        let mut named: BTreeMap<StorePath, Arc<PathInfo>> =
+            store::valid_path_infos(&*self.store, &absent)
+                .await?
+                .into_iter()
+                .map(|i| (i.path.clone(), i))
+                .collect();
+        let outside: Vec<StorePath> = named
+            .values()
+            .flat_map(|i| i.references.iter())
+            .filter(|r| !named.contains_key(*r))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let cached = self.present(&outside).await?;
+        let sd = self.store.store_dir();
+        let mut failed: HashMap<StorePath, Arc<PathError>> = HashMap::new();
+        for path in topological(&named) {
+            let info = &named[&path];
+            let error = info.references.iter().find_map(|r| {
+                if failed.contains_key(r) {
+                    Some(PathError::Reference {
+                        path: r.clone(),
+                        transient: false,
+                    })
+                } else if !named.contains_key(r) && !cached.contains(r) {
+                    Some(PathError::ReferenceAbsent {
+                        reference: sd.display(r),
+                    })
+                } else {
+                    None
+                }
+            });
+            if let Some(e) = error {
+                failed.insert(path, Arc::new(e));
+            }
+        }
+        for (path, error) in failed {
+            named.remove(&path);
+            unmet.push(Failed { path, error });
+        }
+        unmet.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok((named, here.len()))
     }
 
     /// Which of `paths` already have a narinfo in the cache (see [`presence`] for how).
