@@ -1,9 +1,13 @@
 //! Build logs in the cache: `push --logs` and the daemon's `upload-logs = true` publish the log
 //! of each derivation whose outputs they publish, as Nix lays it out (`log/<drv base name>`),
-//! and real Nix prints it with `nix log --store CACHE PATH`.
+//! and real Nix prints it with `nix log --store CACHE PATH`, from a directory and over HTTP
+//! from an S3 bucket (SeaweedFS).
 
 mod common;
 mod daemon_support;
+#[cfg(feature = "s3")]
+#[path = "../backends/tests/support/testbeds.rs"]
+mod testbeds;
 
 use std::fs;
 
@@ -27,13 +31,12 @@ fn build_logged() -> (String, String) {
 
 /// `nix log --store file://CACHE PATH`, which must succeed; what it printed.
 fn nix_log(cache: &std::path::Path, path: &str) -> String {
-    let out = run_ok(
-        nix()
-            .args(["log", "--store"])
-            .arg(format!("file://{}", cache.display()))
-            .arg(path),
-    );
-    out.stdout
+    nix_log_from(&format!("file://{}", cache.display()), path)
+}
+
+/// `nix log --store STORE PATH`, which must succeed; what it printed.
+fn nix_log_from(store: &str, path: &str) -> String {
+    run_ok(nix().args(["log", "--store", store, path])).stdout
 }
 
 #[test]
@@ -60,6 +63,40 @@ fn push_logs_publishes_the_build_log_nix_reads_back() {
     );
     let printed = nix_log(&cache, &out);
     assert!(printed.contains(&line), "nix log printed {printed:?}");
+}
+
+#[cfg(feature = "s3")]
+#[test]
+fn logs_pushed_to_s3_are_read_by_nix_over_http() {
+    let Some(sw) = testbeds::seaweedfs() else {
+        return;
+    };
+    let dir = tempdir();
+    let keys = nixpush_keygen(dir.path(), "logs-1");
+    let (out, line) = build_logged();
+    let drv = deriver_of(&out);
+    let bucket = testbeds::PUBLIC_BUCKETS[0];
+    let prefix = unique("logs");
+    let s3 = nixpush_with_s3_keys(testbeds::S3_ACCESS_KEY, testbeds::S3_SECRET_KEY);
+    let mut cmd = push_cmd(s3, &sw.address(bucket, &prefix), &keys, &out);
+    cmd.arg("--logs");
+    let pushed = run_ok(&mut cmd);
+    assert!(
+        pushed.stderr.contains("; 1 build log"),
+        "{}",
+        pushed.report()
+    );
+    // Anonymous readers of the bucket, as a substituter reads it.
+    let http = format!("{}/{bucket}/{prefix}", sw.endpoint());
+    let printed = nix_log_from(&http, &out);
+    assert!(
+        printed.contains(&line) && printed.contains("and its stderr"),
+        "nix log printed {printed:?}"
+    );
+    // (Nix 2.8 looks a `.drv` up as a path of that store, which this cache does not have.)
+    let object = format!("{http}/log/{}", base_name(&drv));
+    let fetched = run_ok(std::process::Command::new("curl").args(["-sSf", &object])).stdout;
+    assert!(fetched.contains(&line), "{object}: {fetched:?}");
 }
 
 #[test]
