@@ -82,6 +82,10 @@ pub struct DaemonConfig {
     /// Unix permissions of the socket: who may enqueue.
     #[serde(default = "defaults::socket_mode")]
     pub socket_mode: String,
+    /// Also publish every path that appears in the store (substituted, added, copied), not
+    /// only what the post-build-hook hands over.
+    #[serde(default)]
+    pub watch_store: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

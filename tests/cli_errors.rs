@@ -855,10 +855,11 @@ fn an_interrupted_push_leaves_no_temporary_files() {
     assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
 }
 
-const COMMANDS: [&str; 10] = [
+const COMMANDS: [&str; 11] = [
     "push",
     "keygen",
     "daemon",
+    "watch-store",
     "hook",
     "status",
     "verify",
@@ -907,8 +908,10 @@ fn every_command_has_help_with_examples() {
     let out = run_fail(nixpush().args(["help", "pusj"]));
     error_line_is(
         &out,
-        "no command \"pusj\"; the commands are: push, keygen, daemon, hook, status, verify, \
-         queue, help, completions, man",
+        &format!(
+            "no command \"pusj\"; the commands are: {}",
+            COMMANDS.join(", ")
+        ),
         "pusj",
     );
 }
@@ -975,7 +978,8 @@ fn completions_and_man_pages_name_the_commands() {
     );
     for c in COMMANDS {
         assert!(
-            man.contains(&format!("nixpush\\-{c}(1)")),
+            // roff writes a hyphen as `\-`.
+            man.contains(&format!("nixpush\\-{}(1)", c.replace('-', "\\-"))),
             "nixpush(1) lacks {c}:\n{man}"
         );
     }

@@ -29,11 +29,36 @@ pub struct DaemonArgs {
     config: ConfigArg,
 }
 
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  Publish everything that enters the store, with the daemon's configuration:
+    nixpush watch-store --config /etc/nixpush/config.toml
+
+  The same with debug logs, to see each new path found:
+    nixpush -v watch-store --config ./config.toml
+
+It is `nixpush daemon` with `[daemon] watch-store = true`: the socket and the queue directory
+work as ever, so hooked builds still arrive through them.")]
+pub struct WatchStoreArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
 pub fn run(args: DaemonArgs, verbose: u8) -> anyhow::Result<ExitCode> {
+    start(&args.config, false, verbose)
+}
+
+pub fn watch_store(args: WatchStoreArgs, verbose: u8) -> anyhow::Result<ExitCode> {
+    start(&args.config, true, verbose)
+}
+
+fn start(config: &ConfigArg, watch_store: bool, verbose: u8) -> anyhow::Result<ExitCode> {
     // Once, before anything else may open a descriptor that could be taken for fd 3.
     let inherited = nixpush::daemon::systemd::listen_fd()?;
-    let (path, explicit) = args.config.path();
-    let cfg = Config::load(&path, explicit)?;
+    let (path, explicit) = config.path();
+    let mut cfg = Config::load(&path, explicit)?;
+    cfg.daemon.watch_store |= watch_store;
     // The daemon's default is its log-level (info), so -v starts one step further.
     let directive = match verbose {
         0 => cfg.log_level.as_str(),
@@ -117,6 +142,7 @@ async fn serve(
         batch_entries: cfg.daemon.batch_entries,
         shutdown_grace: Duration::from_secs(cfg.daemon.shutdown_grace_secs),
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
+        watch_store: cfg.daemon.watch_store,
     };
     let pusher = Pusher::new(store, backend, opts);
     let result = daemon::run(pusher, settings, listener, shutdown).await;

@@ -50,6 +50,8 @@ enum Command {
     Keygen(keygen::KeygenArgs),
     /// Run the publishing daemon (the systemd service).
     Daemon(daemon::DaemonArgs),
+    /// Run the daemon in the foreground, also publishing every path that appears in the store.
+    WatchStore(daemon::WatchStoreArgs),
     /// Nix's post-build-hook: hand the finished build to the daemon. Never fails the build.
     Hook(hook::HookArgs),
     /// Ask the daemon how it is doing.
@@ -216,6 +218,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(push::run(args))
         }
         Command::Daemon(args) => daemon::run(args, cli.verbose),
+        Command::WatchStore(args) => daemon::watch_store(args, cli.verbose),
         Command::Verify(args) => {
             init_tracing(cli.verbose, "warn");
             runtime()?.block_on(verify::run(args))

@@ -25,6 +25,7 @@ pub mod protocol;
 pub mod queue;
 mod server;
 pub mod systemd;
+pub mod watch_store;
 mod worker;
 
 use server::accept_loop;
@@ -54,6 +55,8 @@ pub struct Settings {
     pub batch_entries: usize,
     pub shutdown_grace: Duration,
     pub retry_max_delay: Duration,
+    /// Also queue every path that appears in the store (see [`watch_store`]).
+    pub watch_store: bool,
 }
 
 struct Shared {
@@ -107,6 +110,11 @@ pub enum StartError {
     },
     #[error("cannot start the worker's threads: {0}")]
     Worker(std::io::Error),
+    #[error(
+        "watch-store: cannot watch the store directory {store}: {error}; \
+         raise fs.inotify.max_user_watches or max_user_instances, or turn watch-store off"
+    )]
+    WatchStore { store: String, error: notify::Error },
 }
 
 /// Run the daemon until `shutdown` completes, then wind down.
@@ -133,6 +141,17 @@ pub async fn run(
 
     // The watcher only nudges; the worker's periodic rescan catches whatever it misses.
     let _watcher = start_watcher(&shared);
+    let _store_watch = if shared.settings.watch_store {
+        let watch = watch_store::start(&shared, stop_rx.clone()).map_err(|error| {
+            StartError::WatchStore {
+                store: shared.store().store_dir().as_str().to_owned(),
+                error,
+            }
+        })?;
+        Some(watch)
+    } else {
+        None
+    };
     let worker_rt = WorkerRuntime::new().map_err(StartError::Worker)?;
     let worker = worker_rt.spawn(worker::worker(shared.clone(), stop_rx.clone()));
 

@@ -44,6 +44,8 @@ pub const REJECTED_DIR: &str = "rejected";
 /// The longest file name Linux's filesystems take, in bytes.
 pub const NAME_MAX: usize = 255;
 const REASON_SUFFIX: &str = ".reason";
+/// The end of the names of entries that report paths seen in the store.
+const SEEN_SUFFIX: &str = "-seen";
 /// How long a hand-written entry may take to be complete.
 pub const SETTLE_TIME: Duration = Duration::from_secs(5);
 
@@ -129,6 +131,12 @@ pub struct Entry {
 impl Entry {
     pub fn new(name: impl Into<OsString>) -> Self {
         Self { name: name.into() }
+    }
+
+    /// Whether it reports paths seen in the store rather than asks for them (see
+    /// [`Queue::enqueue_seen`]).
+    pub fn is_seen(&self) -> bool {
+        self.name.as_bytes().ends_with(SEEN_SUFFIX.as_bytes())
     }
 }
 
@@ -229,6 +237,18 @@ impl Queue {
     /// Like [`Queue::enqueue`], with items not checked here (the daemon checks them when it
     /// reads the entry): for the hook, which must stay fast and never lose a request.
     pub fn enqueue_raw(&self, items: &[String]) -> io::Result<String> {
+        self.write_new(items, "")
+    }
+
+    /// Like [`Queue::enqueue`], for paths seen appearing in the store (see
+    /// [`super::watch_store`]): a path among them that is no longer valid when the entry is
+    /// worked on is passed over, not a reason to reject the entry.
+    pub fn enqueue_seen(&self, store_dir: &StoreDir, items: &[Item]) -> io::Result<String> {
+        let lines: Vec<String> = items.iter().map(|i| i.render(store_dir)).collect();
+        self.write_new(&lines, SEEN_SUFFIX)
+    }
+
+    fn write_new(&self, items: &[String], suffix: &str) -> io::Result<String> {
         let mut text = String::new();
         for it in items {
             text.push_str(it);
@@ -239,7 +259,7 @@ impl Queue {
             .unwrap_or_default();
         // Names sort by time, so the oldest requests go first.
         let name = format!(
-            "{:020}-{}-{}",
+            "{:020}-{}-{}{suffix}",
             now.as_nanos(),
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)

@@ -323,7 +323,7 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
             return Pass::RetryLater;
         }
     }
-    if ready.len() == 1 {
+    if ready.len() == 1 && !ready[0].entry.is_seen() {
         return match settle(&shared, &ready[0].entry, batch_result) {
             Pass::Progressed { .. } => Pass::Progressed { backlog },
             other => other,
@@ -333,7 +333,7 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
     for r in &ready {
         let span = info_span!("entry", name = %r.entry);
         let result = async {
-            let roots = resolve(&shared, &r.items).await?;
+            let roots = resolve_entry(&shared, r).await?;
             push(&shared, &roots).await
         }
         .instrument(span)
@@ -419,6 +419,41 @@ pub(super) fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
     if let Err(e) = shared.queue.reject(entry, reason) {
         error!(entry = %entry, error = %e, "cannot move the entry to rejected/");
     }
+}
+
+/// The store paths an entry stands for. Paths of a `-seen` entry (see [`super::watch_store`])
+/// that are no longer valid were collected since they appeared: they are passed over.
+async fn resolve_entry(shared: &Arc<Shared>, r: &Ready) -> Result<Vec<StorePath>, Failure> {
+    if !r.entry.is_seen() {
+        return resolve(shared, &r.items).await;
+    }
+    let paths: Vec<StorePath> = r
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Path(p) => Some(p.clone()),
+            Item::Outputs(_) => None,
+        })
+        .collect();
+    let valid = shared
+        .store()
+        .valid_paths(&paths)
+        .await
+        .map_err(|e| Failure::Push(e.into()))?;
+    let sd = shared.store().store_dir();
+    let items: Vec<Item> = r
+        .items
+        .iter()
+        .filter(|i| match i {
+            Item::Path(p) if !valid.contains(p) => {
+                info!(path = %sd.display(p), "passed over: collected since it appeared in the store");
+                false
+            }
+            _ => true,
+        })
+        .cloned()
+        .collect();
+    resolve(shared, &items).await
 }
 
 /// The store paths a request stands for ([`plan`]); paths that are not valid make it fail
