@@ -93,6 +93,12 @@ async fn serve(
         logs: cfg.upload_logs,
         nar_listing: addr.write_nar_listing.unwrap_or(cfg.write_nar_listing),
     };
+    let metrics = match cfg.metrics_listen()? {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen on {addr} for metrics (daemon.metrics-listen)")
+        })?),
+        None => None,
+    };
     // The socket file we bind, to remove on a clean exit; systemd's is systemd's to keep.
     let mut ours = None;
     let listener = match inherited {
@@ -115,6 +121,7 @@ async fn serve(
         batch_entries: cfg.daemon.batch_entries,
         shutdown_grace: Duration::from_secs(cfg.daemon.shutdown_grace_secs),
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
+        metrics,
     };
     let pusher = Pusher::new(store, backend, opts);
     let result = daemon::run(pusher, settings, listener, shutdown).await;

@@ -80,6 +80,9 @@ pub enum Event {
         path: StorePath,
         nar_size: u64,
         file_size: u64,
+        /// How long its NAR took to upload, from the first byte handed to the backend to
+        /// durable (in a batch: until the batch was).
+        upload: std::time::Duration,
     },
     /// Another writer published the narinfo first; ours was not written.
     AlreadyPublished { path: StorePath, nar_size: u64 },
