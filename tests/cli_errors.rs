@@ -855,7 +855,7 @@ fn an_interrupted_push_leaves_no_temporary_files() {
     assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
 }
 
-const COMMANDS: [&str; 10] = [
+const COMMANDS: [&str; 11] = [
     "push",
     "keygen",
     "daemon",
@@ -863,6 +863,7 @@ const COMMANDS: [&str; 10] = [
     "status",
     "verify",
     "queue",
+    "doctor",
     "help",
     "completions",
     "man",
@@ -908,7 +909,7 @@ fn every_command_has_help_with_examples() {
     error_line_is(
         &out,
         "no command \"pusj\"; the commands are: push, keygen, daemon, hook, status, verify, \
-         queue, help, completions, man",
+         queue, doctor, help, completions, man",
         "pusj",
     );
 }
