@@ -606,3 +606,45 @@ fn check_queue_dir(r: &mut Report, dir: &Path) -> anyhow::Result<()> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_conf_is_read_as_nix_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nix.conf");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(
+            &conf,
+            "# post-build-hook = /commented\n\
+             post-build-hook = /first # a comment\n\
+             include sub/more.conf\n\
+             !include absent.conf\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("sub/more.conf"),
+            "sandbox = false\npost-build-hook=/second\n",
+        )
+        .unwrap();
+        // The last assignment wins, in whichever file it is.
+        assert_eq!(
+            nix_conf_setting(&conf, "post-build-hook", 0).unwrap(),
+            Some(("/second".to_owned(), dir.path().join("sub/more.conf")))
+        );
+        assert_eq!(nix_conf_setting(&conf, "substituters", 0).unwrap(), None);
+        // `include` of a missing file is an error, as in Nix; `!include` is not.
+        std::fs::write(&conf, "include absent.conf\n").unwrap();
+        let e = nix_conf_setting(&conf, "post-build-hook", 0).unwrap_err();
+        assert!(
+            e.contains("absent.conf") && e.contains("No such file"),
+            "{e}"
+        );
+        // An include loop ends with a message, not a stack overflow.
+        std::fs::write(&conf, "include nix.conf\n").unwrap();
+        let e = nix_conf_setting(&conf, "post-build-hook", 0).unwrap_err();
+        assert!(e.contains("nested too deeply"), "{e}");
+    }
+}
