@@ -29,6 +29,7 @@ use nixpush_backends::{
 };
 
 use super::ConfigArg;
+use super::status::StatusError;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -176,13 +177,23 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             st.queue_depth,
             st.cache
         ))?,
-        Err(e) => r.fail(
-            e,
-            format!(
+        Err(e) => {
+            let start = format!(
                 "start it: `systemctl start nixpush.service`, or `nixpush daemon --config {}`",
                 path.display()
-            ),
-        )?,
+            );
+            match e {
+                // Its own message says how to start it; here the fix line does.
+                StatusError::NotRunning { socket, error } => r.fail(
+                    format!(
+                        "the daemon is not running at {} ({error})",
+                        socket.display()
+                    ),
+                    start,
+                )?,
+                e => r.fail(e, start)?,
+            }
+        }
     }
 
     // 7. The queue directory, where the hook writes when the daemon is away.
