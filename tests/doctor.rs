@@ -96,10 +96,15 @@ fn failures(out: &Out) -> Vec<(String, String)> {
 /// saying `words` with a fix saying `fix_words`.
 fn fails_with(out: &Out, words: &[&str], fix_words: &[&str]) {
     assert_eq!(out.status.code(), Some(1), "{}", out.report());
-    let failed: Vec<(String, String)> = failures(out)
+    let (daemon, failed): (Vec<_>, Vec<_>) = failures(out)
         .into_iter()
-        .filter(|(what, _)| !what.starts_with("the daemon is not running"))
-        .collect();
+        .partition(|(what, _)| what.starts_with("the daemon is not running at "));
+    assert!(
+        matches!(&daemon[..], [(_, fix)] if fix.contains("systemctl start nixpush.service")
+            && fix.contains("nixpush daemon --config")),
+        "the daemon's line: {}",
+        out.report()
+    );
     assert_eq!(failed.len(), 1, "one failure expected: {}", out.report());
     let (what, fix) = &failed[0];
     for w in words {
@@ -337,5 +342,40 @@ fn a_config_that_does_not_parse_stops_the_checks() {
         out.stdout.ends_with("1 of 1 checks failed\n"),
         "{}",
         out.report()
+    );
+}
+
+#[test]
+fn nix_conf_is_found_through_nix_conf_dir() {
+    let d = Doctored::new();
+    // Nix itself (the store's nix-daemon --stdio, where one is started) reads this file too:
+    // the system's settings first.
+    let text = fs::read_to_string(&d.nix_conf).expect("nix.conf");
+    fs::write(&d.nix_conf, format!("!include /etc/nix/nix.conf\n{text}")).expect("nix.conf");
+    let out = run(nixpush()
+        .arg("doctor")
+        .arg("--config")
+        .arg(&d.setup.config)
+        .env("NIX_CONF_DIR", d.setup.dir.path()));
+    let hook_line = format!(
+        "ok    {}: post-build-hook = ",
+        d.setup.dir.path().join("hook.conf").display()
+    );
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with(&hook_line)),
+        "no {hook_line:?}: {}",
+        out.report()
+    );
+    // And without it, the hook line is gone: the file named there is the one read.
+    fs::write(d.setup.dir.path().join("hook.conf"), "\n").expect("hook.conf");
+    let out = run(nixpush()
+        .arg("doctor")
+        .arg("--config")
+        .arg(&d.setup.config)
+        .env("NIX_CONF_DIR", d.setup.dir.path()));
+    fails_with(
+        &out,
+        &[&format!("{} sets no post-build-hook", d.nix_conf.display())],
+        &["add `post-build-hook = "],
     );
 }
