@@ -274,7 +274,12 @@ async fn probe_cache(r: &mut Report, backend: &dyn Backend) -> anyhow::Result<bo
         mode: PutMode::Create,
         content_type: "text/plain",
     };
-    let written = timed(backend.put(&key, Body::Bytes(body.clone()), opts)).await;
+    let written = timed(
+        "put",
+        &key,
+        backend.put(&key, Body::Bytes(body.clone()), opts),
+    )
+    .await;
     if let Err(e) = written {
         r.fail(
             format!("cache {cache} does not accept a write: {e}"),
@@ -282,8 +287,8 @@ async fn probe_cache(r: &mut Report, backend: &dyn Backend) -> anyhow::Result<bo
         )?;
         return Ok(false);
     }
-    let read = timed(backend.get_bytes(&key, 1 << 10)).await;
-    let deleted = timed(backend.delete(&key)).await;
+    let read = timed("get", &key, backend.get_bytes(&key, 1 << 10)).await;
+    let deleted = timed("delete", &key, backend.delete(&key)).await;
     match (read, deleted) {
         (Ok(b), Ok(())) if b == body => {
             r.ok(format!(
@@ -321,7 +326,13 @@ async fn check_cache_info(
     ours: Option<&str>,
 ) -> anyhow::Result<()> {
     let cache = backend.describe();
-    let info = match timed(backend.get_optional(cache_info::FILE_NAME, 64 << 10)).await {
+    let info = match timed(
+        "get",
+        cache_info::FILE_NAME,
+        backend.get_optional(cache_info::FILE_NAME, 64 << 10),
+    )
+    .await
+    {
         Ok(Some(bytes)) => CacheInfo::parse(&String::from_utf8_lossy(&bytes)),
         Ok(None) => {
             return r.ok(format!(
@@ -366,6 +377,8 @@ async fn check_cache_info(
 
 /// A cache operation, with [`CACHE_TIMEOUT`] as a transient error.
 async fn timed<T>(
+    op: &'static str,
+    key: &str,
     f: impl std::future::Future<Output = Result<T, BackendError>>,
 ) -> Result<T, BackendError> {
     tokio::time::timeout(CACHE_TIMEOUT, f)
@@ -373,8 +386,8 @@ async fn timed<T>(
         .unwrap_or_else(|_| {
             Err(BackendError::new(
                 ErrorKind::Transient,
-                "request",
-                "",
+                op,
+                key,
                 format!("no answer within {} s", CACHE_TIMEOUT.as_secs()),
             ))
         })

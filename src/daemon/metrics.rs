@@ -9,7 +9,7 @@
 //! | `nixpush_queue_enqueued_total{source}` | counter | `socket`: acknowledged requests; `directory`: entries the worker found that did not come through this daemon's socket (the hook's fallback, a hand-written file, `queue retry`, or left from before a restart) |
 //! | `nixpush_paths_published_total` | counter | narinfos written |
 //! | `nixpush_paths_skipped_total{reason}` | counter | `present`: the cache had it (found before the push, or written by another writer meanwhile); `upstream`: signed by a `skip-signed-by` key |
-//! | `nixpush_paths_failed_total` | counter | paths that failed (held-back referrers included) |
+//! | `nixpush_paths_failed_total` | counter | failures to publish a path: each attempt counts (a batch that failed is tried again entry by entry), and so do the referrers held back by it |
 //! | `nixpush_nar_bytes_total` | counter | NAR bytes of the paths published |
 //! | `nixpush_compressed_bytes_total` | counter | compressed NAR bytes uploaded for them |
 //! | `nixpush_upload_duration_seconds` | histogram | one NAR's upload, from the first byte handed to the backend to durable |
