@@ -281,3 +281,56 @@ fn a_bad_metrics_address_stops_the_daemon_at_start() {
         out.report()
     );
 }
+
+/// Whether the server closed `s` (end of stream, or a reset) within `within`.
+fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).expect("timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+        ),
+    }
+}
+
+#[test]
+fn stuck_scrapers_hold_up_nothing() {
+    let setup = Setup::new("metrics-listen = \"127.0.0.1:0\"");
+    let daemon = setup.start();
+    let addr = metrics_address(&daemon, &setup);
+    // As many connections as are served at once, none sending a byte.
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // One more is closed at once, unanswered.
+    let mut extra = TcpStream::connect(&addr).expect("connect");
+    let _ = extra.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(5)),
+        "a fifth scrape was served while four were in progress"
+    );
+    // The hook's socket does not notice.
+    let (paths, _) = nix_build_expr(LEAVES_NIX, &unique("stuck"), &["l1"], &[]);
+    let start = std::time::Instant::now();
+    setup.enqueue(&paths);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "enqueue took {:?} with stuck scrapers",
+        start.elapsed()
+    );
+    setup.wait_published(&paths, &daemon);
+    // The idle ones are closed within the request-head timeout (2 s; 10 s at most in all),
+    // and scrapes are served again.
+    for s in &mut idle {
+        assert!(
+            closed_by_server(s, Duration::from_secs(12)),
+            "an idle scrape connection stayed open"
+        );
+    }
+    let m = scrape(&addr);
+    assert_eq!(sample(&m, "nixpush_paths_published_total"), 1.0, "{m}");
+}
