@@ -37,8 +37,8 @@ Each line is `ok` or `FAIL`, and a failure says how to fix it. The exit status i
 check failed.
 
 Examples:
-  Check the system's set-up (as the user the daemon runs as, to see what it sees):
-    sudo -u nixpush nixpush doctor
+  Check the system's set-up (the config, keys and nix.conf are root's to read):
+    sudo nixpush doctor
 
   Check another config and the nix.conf it is meant for:
     nixpush doctor --config ./config.toml --nix-conf ./nix.conf")]
@@ -217,8 +217,8 @@ fn check_key(r: &mut Report, k: &KeyFile) -> anyhow::Result<()> {
                      key-files"
                 ),
                 std::io::ErrorKind::PermissionDenied => format!(
-                    "let the daemon's user read it (`chown nixpush {p}`), keeping it from \
-                     others (`chmod 600 {p}`); or run this check as that user"
+                    "run this check as root, or as the user who owns it; under systemd, \
+                     LoadCredential= hands the service a copy of a root-owned `chmod 600 {p}`"
                 ),
                 _ => "see the error above".to_owned(),
             };
@@ -610,7 +610,7 @@ fn check_queue_dir(r: &mut Report, dir: &Path) -> anyhow::Result<()> {
             )),
             _ => r.fail(
                 format!("the queue directory {d} does not exist and cannot be made"),
-                format!("mkdir -p {d}, owned by the daemon's user"),
+                format!("mkdir -p {d}, writable by the daemon's user and by root"),
             ),
         };
     }
@@ -624,8 +624,8 @@ fn check_queue_dir(r: &mut Report, dir: &Path) -> anyhow::Result<()> {
         Err(e) => r.fail(
             format!("the queue directory {d} is not writable: {e}"),
             format!(
-                "let the daemon's user (and the hook's, root under nix-daemon) write it: \
-                 chown nixpush {d}"
+                "let the daemon's user and the hook's (root, under nix-daemon) write {d}; \
+                 under systemd, StateDirectory= makes it so"
             ),
         ),
     }
