@@ -86,6 +86,8 @@ pub struct DaemonConfig {
     /// only what the post-build-hook hands over.
     #[serde(default)]
     pub watch_store: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9464`; unset: none.
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +212,14 @@ pub enum ConfigError {
     },
 }
 
+/// `daemon.metrics-listen` is not an address and port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not an IP address and port like \"127.0.0.1:9464\" or \"[::1]:9464\" \
+     (a host name is not looked up; port 0 picks a free one)"
+)]
+pub struct BadListenAddress(pub String);
+
 /// `daemon.socket-mode` is not a permission mode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not an octal mode like \"0660\"")]
@@ -322,6 +332,8 @@ impl Config {
         }
         self.socket_mode()
             .map_err(|e| invalid("daemon.socket-mode", e.to_string()))?;
+        self.metrics_listen()
+            .map_err(|e| invalid("daemon.metrics-listen", e.to_string()))?;
         if self.key_files.is_empty() && !self.allow_unsigned {
             return Err(invalid(
                 "key-files",
@@ -388,6 +400,15 @@ impl Config {
                 }
             })
             .collect()
+    }
+
+    /// Where to serve metrics, if anywhere.
+    pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, BadListenAddress> {
+        self.daemon
+            .metrics_listen
+            .as_deref()
+            .map(|a| a.parse().map_err(|_| BadListenAddress(a.to_owned())))
+            .transpose()
     }
 
     pub fn rescan_interval(&self) -> Duration {
@@ -472,5 +493,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("socket-mode"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\n[daemon]\nmetrics-listen = \"localhost:9464\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "config c.toml: daemon.metrics-listen: \"localhost:9464\" is not an IP address and \
+             port like \"127.0.0.1:9464\" or \"[::1]:9464\" (a host name is not looked up; port \
+             0 picks a free one)"
+        );
+        let cfg = Config::parse(
+            Path::new("c.toml"),
+            "allow-unsigned = true\n[daemon]\nmetrics-listen = \"[::1]:9464\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.metrics_listen().unwrap(),
+            Some("[::1]:9464".parse().unwrap())
+        );
+        assert_eq!(Config::default().metrics_listen().unwrap(), None);
     }
 }

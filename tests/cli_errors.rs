@@ -855,7 +855,7 @@ fn an_interrupted_push_leaves_no_temporary_files() {
     assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
 }
 
-const COMMANDS: [&str; 11] = [
+const COMMANDS: [&str; 12] = [
     "push",
     "keygen",
     "daemon",
@@ -864,6 +864,7 @@ const COMMANDS: [&str; 11] = [
     "status",
     "verify",
     "queue",
+    "doctor",
     "help",
     "completions",
     "man",

@@ -120,6 +120,12 @@ async fn serve(
         filter: cfg.filter()?,
         no_closure: false,
     };
+    let metrics = match cfg.metrics_listen()? {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen on {addr} for metrics (daemon.metrics-listen)")
+        })?),
+        None => None,
+    };
     // The socket file we bind, to remove on a clean exit; systemd's is systemd's to keep.
     let mut ours = None;
     let listener = match inherited {
@@ -143,6 +149,7 @@ async fn serve(
         shutdown_grace: Duration::from_secs(cfg.daemon.shutdown_grace_secs),
         retry_max_delay: Duration::from_secs(cfg.daemon.retry_max_delay_secs),
         watch_store: cfg.daemon.watch_store,
+        metrics,
     };
     let pusher = Pusher::new(store, backend, opts);
     let result = daemon::run(pusher, settings, listener, shutdown).await;

@@ -2,6 +2,7 @@
 
 mod daemon;
 mod docs;
+mod doctor;
 mod hook;
 mod keygen;
 mod progress;
@@ -30,6 +31,7 @@ Examples:
   nixpush keygen cache.example.org-1 signing-key signing-key.pub
   nixpush push --to file:///srv/cache --key-file signing-key ./result
   nixpush status
+  nixpush doctor
 
 See `nixpush help COMMAND` for each command's options and examples."
 )]
@@ -60,6 +62,9 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// List, retry or drop the queue entries the daemon rejected.
     Queue(queue::QueueArgs),
+    /// Check a set-up: config, keys, Nix, cache, nix.conf's hook, daemon, queue; each failure
+    /// with its fix.
+    Doctor(doctor::DoctorArgs),
     /// Print help about nixpush or one of its commands.
     Help(docs::HelpArgs),
     /// Print a shell's completion script for nixpush (bash, zsh, fish, ...).
@@ -209,6 +214,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hook(args) => Ok(hook::run(args)),
         Command::Status(args) => status::run(args),
         Command::Queue(args) => queue::run(args),
+        Command::Doctor(args) => {
+            init_tracing(cli.verbose, "warn");
+            runtime()?.block_on(doctor::run(args))
+        }
         Command::Keygen(args) => {
             init_tracing(cli.verbose, "warn");
             keygen::run(args)

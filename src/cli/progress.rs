@@ -71,6 +71,7 @@ impl Progress {
                 path,
                 nar_size,
                 file_size,
+                ..
             } => {
                 let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
                 let total = self.total.load(Ordering::Relaxed);

@@ -29,7 +29,7 @@ pub struct StatusArgs {
 
 /// Why `status` had no report to show.
 #[derive(Debug, thiserror::Error)]
-enum StatusError {
+pub(super) enum StatusError {
     #[error(
         "the daemon is not running at {} ({error}); start it with \
          `systemctl start nixpush.service` or `nixpush daemon`",
@@ -81,7 +81,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn ask(socket: &Path) -> Result<StatusReport, StatusError> {
+pub(super) fn ask(socket: &Path) -> Result<StatusReport, StatusError> {
     let mut stream = UnixStream::connect(socket).map_err(|error| {
         let socket = socket.to_owned();
         match error.kind() {

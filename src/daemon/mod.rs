@@ -21,6 +21,7 @@
 //! narinfo last.
 
 pub mod hook;
+mod metrics;
 pub mod protocol;
 pub mod queue;
 mod server;
@@ -57,6 +58,8 @@ pub struct Settings {
     pub retry_max_delay: Duration,
     /// Also queue every path that appears in the store (see [`watch_store`]).
     pub watch_store: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`), bound already; none: not served.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 struct Shared {
@@ -65,6 +68,7 @@ struct Shared {
     settings: Settings,
     nudge: Notify,
     status: Mutex<StatusState>,
+    metrics: metrics::Metrics,
     started: Instant,
 }
 
@@ -120,10 +124,11 @@ pub enum StartError {
 /// Run the daemon until `shutdown` completes, then wind down.
 pub async fn run(
     pusher: Pusher,
-    settings: Settings,
+    mut settings: Settings,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let metrics_listener = settings.metrics.take();
     let queue = Queue::open(&settings.queue_dir).map_err(|error| StartError::Queue {
         dir: settings.queue_dir.clone(),
         error,
@@ -135,6 +140,7 @@ pub async fn run(
         settings,
         nudge: Notify::new(),
         status: Mutex::new(StatusState::default()),
+        metrics: metrics::Metrics::new(),
         started: Instant::now(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -170,7 +176,14 @@ pub async fn run(
         cache = %shared.pusher.backend_description(),
         "nixpush daemon started"
     );
-    // After the line above, so the log reads in the order things happen.
+    // On the worker's runtime: a scrape runs below the socket's priority.
+    let metrics_server = metrics_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            info!("serving metrics at http://{addr}/metrics");
+        }
+        worker_rt.spawn(metrics::serve(l, shared.clone(), stop_rx.clone()))
+    });
+    // After the lines above, so the log reads in the order things happen.
     let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
     // The accept loop runs as a task on a runtime thread, not in the caller's `block_on`: a
     // connection it spawns then starts on the same thread (tokio runs the task spawned last
@@ -184,6 +197,9 @@ pub async fn run(
     let _ = server.await;
     ready.abort();
     let _ = worker.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     info!("stopped");
     Ok(())
 }
@@ -202,6 +218,7 @@ async fn announce_ready(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 return;
             }
             Err(e) => {
+                shared.metrics.push_error(&e);
                 if Instant::now() >= next_warning {
                     next_warning = Instant::now() + warnings.next();
                     warn!(error = %e, retry_in = ?worker::PROBE_INTERVAL, "cache not reachable yet");

@@ -252,7 +252,7 @@ async fn connection(
         }
     };
     let read_us = accepted.elapsed().as_micros();
-    if tokio::time::timeout(ANSWER_TIMEOUT, answer(&shared, stream, line))
+    if tokio::time::timeout(ANSWER_TIMEOUT, answer(&shared, stream, line, accepted))
         .await
         .is_err()
     {
@@ -321,7 +321,15 @@ async fn read_request(
     }
 }
 
-async fn answer(shared: &Arc<Shared>, mut stream: UnixStream, line: Result<Vec<u8>, ReadError>) {
+/// Answer a request line; `accepted` is when its connection was, for the acknowledgement
+/// latency of an `enqueue`.
+async fn answer(
+    shared: &Arc<Shared>,
+    mut stream: UnixStream,
+    line: Result<Vec<u8>, ReadError>,
+    accepted: Instant,
+) {
+    let mut enqueue_request = false;
     let response = match line {
         Err(ReadError::Io(e)) => Response::Error {
             message: format!("cannot read request: {e}"),
@@ -334,7 +342,10 @@ async fn answer(shared: &Arc<Shared>, mut stream: UnixStream, line: Result<Vec<u
                 message: e.to_string(),
             },
             Ok(Request::Status {}) => Response::Status(status_report(shared).await),
-            Ok(Request::Enqueue { items }) => enqueue(shared, &items).await,
+            Ok(Request::Enqueue { items }) => {
+                enqueue_request = true;
+                enqueue(shared, &items).await
+            }
         },
     };
     if let Response::Error { message } = &response {
@@ -344,6 +355,10 @@ async fn answer(shared: &Arc<Shared>, mut stream: UnixStream, line: Result<Vec<u
     out.push(b'\n');
     let _ = stream.write_all(&out).await;
     let _ = stream.shutdown().await;
+    if enqueue_request {
+        let queued = matches!(response, Response::Queued { .. });
+        shared.metrics.hook_answered(accepted.elapsed(), queued);
+    }
 }
 
 pub(super) async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {

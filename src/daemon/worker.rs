@@ -149,6 +149,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
             }
             Pass::RetryLater => {
                 shared.status().retrying = true;
+                shared.metrics.retry();
                 let d = backoff.next();
                 info!(retry_in = ?d, "will retry");
                 // A failing cache is given its backoff (new work does not cut it short), unless
@@ -225,6 +226,7 @@ async fn probe(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Option
         r = tokio::time::timeout(PROBE_TIMEOUT, shared.pusher.ensure_cache_info()) => Some(match r {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
+                shared.metrics.push_error(&e);
                 debug!(error = %e, "the cache does not answer yet");
                 false
             }
@@ -247,12 +249,14 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
     let sd = shared.store().store_dir().clone();
     let queue = shared.queue.clone();
     let batch_max = shared.settings.batch_entries;
+    let counting = shared.clone();
     // Read entries off the async threads; reject what can never succeed right away.
     let scanned = tokio::task::spawn_blocking(move || {
         let mut ready = Vec::new();
         let mut rejected = Vec::new();
         let mut backlog = false;
         let entries = queue.scan()?;
+        counting.metrics.scanned(&entries);
         for entry in entries {
             if ready.len() >= batch_max {
                 backlog = true;
@@ -482,6 +486,7 @@ pub(super) async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<()
             let Some(shared) = shared.upgrade() else {
                 return;
             };
+            shared.metrics.event(e);
             let mut st = shared.status();
             match e {
                 Event::Planned { to_push, .. } => st.in_flight = *to_push,
@@ -498,6 +503,9 @@ pub(super) async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<()
     };
     let result = shared.pusher.push(roots, events).await;
     shared.status().in_flight = 0;
+    if let Err(e) = &result {
+        shared.metrics.push_error(e);
+    }
     let summary: Summary = result?;
     if !summary.excluded.is_empty() {
         let sd = shared.pusher.store().store_dir().clone();

@@ -79,6 +79,8 @@ pub enum Event {
         closure: usize,
         present: usize,
         upstream: usize,
+        /// Left out by the filters (see [`filter`]).
+        excluded: usize,
         to_push: usize,
         nar_bytes: u64,
     },
@@ -86,6 +88,9 @@ pub enum Event {
         path: StorePath,
         nar_size: u64,
         file_size: u64,
+        /// How long its NAR took to upload, from the first byte handed to the backend to
+        /// durable (in a batch: until the batch was).
+        upload: std::time::Duration,
     },
     /// Another writer published the narinfo first; ours was not written.
     AlreadyPublished { path: StorePath, nar_size: u64 },
@@ -346,6 +351,7 @@ impl Pusher {
             closure: summary.closure,
             present: summary.present,
             upstream: summary.upstream,
+            excluded: summary.excluded.len(),
             to_push: to_push.len(),
             nar_bytes: to_push.values().map(|i| i.nar_size).sum(),
         });

@@ -41,7 +41,7 @@ pub(super) async fn publish_one(
     let full = sd.display(&info.path);
 
     // 1. The NAR, under a bounded number of slots.
-    let (nar_key, staged_meta) = {
+    let (nar_key, staged_meta, upload) = {
         let slot = slot
             .await
             .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
@@ -104,10 +104,12 @@ pub(super) async fn publish_one(
                 content_type: "application/x-nix-nar",
             },
         };
+        let started = std::time::Instant::now();
         match batcher {
             Some(b) => b.put(put, staged.file_size).await?,
             None => ctx.backend.put(&put.key, put.body, put.opts).await?,
         }
+        let upload = started.elapsed();
         // The listing goes before the narinfo, so that a reader who finds one finds both.
         if let Some(listing) = staged.listing {
             let put = Put {
@@ -126,7 +128,7 @@ pub(super) async fn publish_one(
                 None => ctx.backend.put(&put.key, put.body, put.opts).await?,
             }
         }
-        (key, meta)
+        (key, meta, upload)
     };
 
     // 2. Wait for the references' narinfos.
@@ -190,6 +192,7 @@ pub(super) async fn publish_one(
                 path: info.path.clone(),
                 nar_size: info.nar_size,
                 file_size: staged_meta.1,
+                upload,
             });
             Ok(Outcome::Published {
                 file_size: staged_meta.1,
