@@ -57,6 +57,21 @@ fn has_narinfo(cache: &std::path::Path, path: &str) -> bool {
     cache.join(format!("{}.narinfo", hash_part(path))).is_file()
 }
 
+/// No narinfo in `cache` lacks its references, and real Nix substitutes `path` from it into a
+/// fresh store, signatures required.
+fn whole_and_substituted(cache: &std::path::Path, keys: &KeyPair, path: &str) {
+    check_cache_invariant(cache).expect("no narinfo lacks its references");
+    let root = tempdir();
+    let out = run(&mut nix_copy_cmd(
+        cache,
+        root.path(),
+        &keys.public_key(),
+        &[path.to_owned()],
+    ));
+    assert!(out.status.success(), "{}", out.report());
+    assert!(valid_in_root(root.path(), path), "{path} not substituted");
+}
+
 #[test]
 fn excluded_paths_take_their_referrers_with_them_and_the_cache_stays_whole() {
     let b = build(&unique("filter-exclude"));
@@ -114,17 +129,7 @@ fn excluded_paths_take_their_referrers_with_them_and_the_cache_stays_whole() {
     for p in [&b.src, &b.app, &b.top, &b.blob] {
         assert!(!has_narinfo(&cache, p), "{p} was published");
     }
-    check_cache_invariant(&cache).expect("no narinfo lacks its references");
-    // Real Nix takes what was published, signatures required.
-    let root = tempdir();
-    let out = run(&mut nix_copy_cmd(
-        &cache,
-        root.path(),
-        &keys.public_key(),
-        std::slice::from_ref(&b.other),
-    ));
-    assert!(out.status.success(), "{}", out.report());
-    assert!(valid_in_root(root.path(), &b.other));
+    whole_and_substituted(&cache, &keys, &b.other);
 
     // A pattern that is not a glob is named, and nothing is written.
     let fresh = dir.path().join("fresh");
@@ -180,15 +185,7 @@ fn no_closure_publishes_only_what_the_cache_can_hold_whole() {
     assert_eq!(pushed_count(&out), 3, "{}", out.report());
     let out = run_ok(push_cmd(nixpush(), &to, &keys, &b.top).arg("--no-closure"));
     assert_eq!(pushed_count(&out), 1, "{}", out.report());
-    check_cache_invariant(&cache).expect("no narinfo lacks its references");
-    let root = tempdir();
-    let out = run(&mut nix_copy_cmd(
-        &cache,
-        root.path(),
-        &keys.public_key(),
-        std::slice::from_ref(&b.top),
-    ));
-    assert!(out.status.success(), "{}", out.report());
+    whole_and_substituted(&cache, &keys, &b.top);
 }
 
 #[test]

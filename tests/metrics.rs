@@ -102,6 +102,11 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|e| panic!("{series}: {e}\n{text}"))
 }
 
+/// Assert that the sample of `series` in `text` is `value`.
+fn expect_sample(text: &str, series: &str, value: f64) {
+    assert_eq!(sample(text, series), value, "{series} in\n{text}");
+}
+
 /// The sum of every sample of `name` whatever its labels.
 fn sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -164,34 +169,22 @@ fn metrics_move_as_the_daemon_publishes() {
     setup.write_entry("by-hand", &format!("{}\n", paths[2]));
     setup.wait_published(&paths[0..3], &daemon);
     let m = scrape(&addr);
-    assert_eq!(
-        sample(&m, "nixpush_queue_enqueued_total{source=\"socket\"}"),
-        2.0,
-        "{m}"
-    );
-    assert_eq!(
-        sample(&m, "nixpush_queue_enqueued_total{source=\"directory\"}"),
+    expect_sample(&m, "nixpush_queue_enqueued_total{source=\"socket\"}", 2.0);
+    expect_sample(
+        &m,
+        "nixpush_queue_enqueued_total{source=\"directory\"}",
         1.0,
-        "{m}"
     );
-    assert_eq!(sample(&m, "nixpush_paths_published_total"), 3.0, "{m}");
-    assert_eq!(
-        sample(&m, "nixpush_upload_duration_seconds_count"),
-        3.0,
-        "{m}"
-    );
-    assert_eq!(
-        sample(&m, "nixpush_hook_ack_duration_seconds_count"),
-        2.0,
-        "{m}"
-    );
+    expect_sample(&m, "nixpush_paths_published_total", 3.0);
+    expect_sample(&m, "nixpush_upload_duration_seconds_count", 3.0);
+    expect_sample(&m, "nixpush_hook_ack_duration_seconds_count", 2.0);
     let infos = nix_path_info(None, &paths[0..3]);
     let nar_bytes: f64 = paths[0..3].iter().map(|p| infos[p].nar_size as f64).sum();
     assert_eq!(sample(&m, "nixpush_nar_bytes_total"), nar_bytes, "{m}");
     assert!(sample(&m, "nixpush_compressed_bytes_total") > 0.0, "{m}");
-    assert_eq!(sample(&m, "nixpush_paths_failed_total"), 0.0, "{m}");
-    assert_eq!(sample(&m, "nixpush_retries_total"), 0.0, "{m}");
-    assert_eq!(sample(&m, "nixpush_queue_entries"), 0.0, "{m}");
+    expect_sample(&m, "nixpush_paths_failed_total", 0.0);
+    expect_sample(&m, "nixpush_retries_total", 0.0);
+    expect_sample(&m, "nixpush_queue_entries", 0.0);
 
     // A path already there is skipped as present.
     setup.enqueue(&paths[0..1]);
@@ -244,18 +237,10 @@ fn metrics_move_as_the_daemon_publishes() {
     fs::rename(&away, &setup.cache).expect("move the cache back");
     setup.wait_published(&paths, &daemon);
     let m = scrape(&addr);
-    assert_eq!(sample(&m, "nixpush_paths_published_total"), 4.0, "{m}");
-    assert_eq!(sample(&m, "nixpush_queue_entries"), 0.0, "{m}");
-    assert_eq!(
-        sample(&m, "nixpush_queue_oldest_entry_age_seconds"),
-        0.0,
-        "{m}"
-    );
-    assert_eq!(
-        sample(&m, "nixpush_queue_enqueued_total{source=\"socket\"}"),
-        4.0,
-        "{m}"
-    );
+    expect_sample(&m, "nixpush_paths_published_total", 4.0);
+    expect_sample(&m, "nixpush_queue_entries", 0.0);
+    expect_sample(&m, "nixpush_queue_oldest_entry_age_seconds", 0.0);
+    expect_sample(&m, "nixpush_queue_enqueued_total{source=\"socket\"}", 4.0);
     check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
 }
 
@@ -332,7 +317,7 @@ fn stuck_scrapers_hold_up_nothing() {
         );
     }
     let m = scrape(&addr);
-    assert_eq!(sample(&m, "nixpush_paths_published_total"), 1.0, "{m}");
+    expect_sample(&m, "nixpush_paths_published_total", 1.0);
 }
 
 #[test]
@@ -361,10 +346,6 @@ fn paths_left_out_by_the_filters_count_as_skipped() {
         || setup.queued().is_empty(),
     );
     let m = scrape(&addr);
-    assert_eq!(
-        sample(&m, "nixpush_paths_skipped_total{reason=\"excluded\"}"),
-        1.0,
-        "{m}"
-    );
-    assert_eq!(sample(&m, "nixpush_paths_published_total"), 1.0, "{m}");
+    expect_sample(&m, "nixpush_paths_skipped_total{reason=\"excluded\"}", 1.0);
+    expect_sample(&m, "nixpush_paths_published_total", 1.0);
 }
