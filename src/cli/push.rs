@@ -336,6 +336,9 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
             if s.logs == 1 { "" } else { "s" }
         ));
     }
+    if s.realisations > 0 {
+        line.push_str(&format!("; {} realisations", s.realisations));
+    }
     if !s.excluded.is_empty() {
         line.push_str(&format!("; {} left out by the filters", s.excluded.len()));
     }
@@ -352,7 +355,7 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("{line}");
     // A log that could not be published leaves the paths published: a warning, not a failure.
-    for why in &s.log_failures {
+    for why in &s.warnings {
         eprintln!("nixpush: warning: {why}");
     }
     if s.failed.is_empty() {

@@ -4,6 +4,7 @@
 pub mod cache_info;
 pub mod compression;
 pub mod content_address;
+pub mod derivation;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;

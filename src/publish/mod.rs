@@ -27,6 +27,7 @@ mod path;
 pub mod pipeline;
 pub mod plan;
 pub mod presence;
+pub mod realisations;
 mod schedule;
 
 use path::{Ctx, Outcome, UPLOADS_PER_JOB, publish_one};
@@ -113,8 +114,11 @@ pub struct Summary {
     pub failed: Vec<Failed>,
     /// Build logs published (with [`PushOptions::logs`]).
     pub logs: usize,
-    /// Build logs that could not be published, each with why (the paths are published).
-    pub log_failures: Vec<String>,
+    /// Realisations of content-addressed derivations published (see [`realisations`]).
+    pub realisations: usize,
+    /// Build logs and realisations that could not be published, each with why (the paths
+    /// are published).
+    pub warnings: Vec<String>,
     /// Paths left out by the filter, each with why, references first.
     pub excluded: Vec<(StorePath, filter::Exclusion)>,
 }
@@ -364,6 +368,11 @@ impl Pusher {
         } else {
             HashMap::new()
         };
+        let content_addressed: Vec<Arc<PathInfo>> = to_push
+            .values()
+            .filter(|i| i.ca.is_some() && i.deriver.is_some())
+            .cloned()
+            .collect();
         // A path counts as published only once its narinfo is durable (every put and batch
         // returns durable), so the caller may forget the request next (the daemon removes its
         // queue entry).
@@ -377,7 +386,22 @@ impl Pusher {
             let sd = self.store.store_dir().clone();
             let (n, failed) = logs::publish(&*self.backend, built, |d| sd.display(d)).await;
             summary.logs = n;
-            summary.log_failures = failed.iter().map(ToString::to_string).collect();
+            summary.warnings = failed.iter().map(ToString::to_string).collect();
+        }
+        if !content_addressed.is_empty() {
+            let ok: HashSet<&StorePath> = results
+                .iter()
+                .filter(|(_, _, r)| r.is_ok())
+                .map(|(p, _, _)| p)
+                .collect();
+            let landed: Vec<Arc<PathInfo>> = content_addressed
+                .into_iter()
+                .filter(|i| ok.contains(&i.path))
+                .collect();
+            let (n, failed) =
+                realisations::publish(&*self.store, &*self.backend, &self.opts.keys, &landed).await;
+            summary.realisations = n;
+            summary.warnings.extend(failed);
         }
         for (path, nar_size, outcome) in results {
             match outcome {
