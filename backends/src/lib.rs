@@ -342,6 +342,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether [`PutMode::Create`] costs what [`PutMode::Overwrite`] costs, for bodies of up
+    /// to [`CREATE_LIMIT`] bytes: one conditional request (S3's `If-None-Match: *`), not a
+    /// check before the put (HTTP) or a slower way to write (a local directory links where it
+    /// would rename). Publishers then create NARs if absent too, so that builders racing on
+    /// one path store its NAR once; elsewhere they overwrite (the same bytes under the same
+    /// key). The default: no.
+    fn creates_in_one_request(&self) -> bool {
+        false
+    }
+
     /// Where to stage files for [`Body::File`] so that `put` can move rather than copy them:
     /// the fs backend names a directory on the cache's filesystem. `None`: anywhere.
     fn staging_dir(&self) -> Option<&Path> {

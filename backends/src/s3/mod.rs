@@ -229,6 +229,12 @@ impl Backend for S3Backend {
         }
     }
 
+    /// A put of at most [`crate::CREATE_LIMIT`] bytes is one PUT, with `If-None-Match: *`
+    /// in [`crate::PutMode::Create`].
+    fn creates_in_one_request(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         self.config.describe()
     }
