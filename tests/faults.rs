@@ -392,28 +392,36 @@ fn a_daemon_publishes_everything_through_a_faulty_http_cache() {
     );
 }
 
-/// Throttling: the proxy answers three requests in a row, once uploads are in full swing,
-/// with 429 or 503 SlowDown and `Retry-After: 2`; every other request is forwarded after
-/// 400 ms (a slow store, so that requests overlap). Nixpush must send nothing during those
-/// 2 s, and then fewer requests at once than before.
-#[test]
-fn throttling_honours_retry_after_and_lowers_concurrency() {
-    let Some(sw) = testbeds::seaweedfs() else {
-        return;
-    };
-    const FIRST: u64 = 60;
-    const RETRY_AFTER: u64 = 2;
-    const LATENCY: Duration = Duration::from_millis(400);
+// ---------------------------------------------------------------------------------------------
+// Throttling: the proxy answers three requests in a row, once uploads are in full swing, with
+// 429 or 503 SlowDown and `Retry-After: 2`; every other request is forwarded after 400 ms (a
+// slow store, so that requests overlap). Nixpush must send nothing during those 2 s, and then
+// fewer requests at once than before.
+
+const RETRY_AFTER: u64 = 2;
+const THROTTLE_LATENCY: Duration = Duration::from_millis(400);
+
+/// Push 72 paths (`--jobs 8`) to the cache `to(proxy endpoint)` through a proxy in front of
+/// 127.0.0.1:`upstream` that throttles requests `first` to `first + 2` (429, then 503
+/// SlowDown, each with `Retry-After: 2`) and forwards every other one after 400 ms; check
+/// the pause and the lowered concurrency in the proxy's records. The paths pushed.
+fn throttled_push(
+    upstream: u16,
+    first: u64,
+    to: impl FnOnce(&str) -> String,
+    mut cmd: Command,
+) -> Vec<String> {
+    const LATENCY: Duration = THROTTLE_LATENCY;
     let tmp = tempdir();
     let keys = nixpush_keygen(tmp.path(), "throttle.example.org-1");
     let (roots, all) = build_many(72);
-    let plan: fault_proxy::Plan = Box::new(|seq, _| match seq {
-        FIRST => Fault::Status {
+    let plan: fault_proxy::Plan = Box::new(move |seq, _| match seq {
+        s if s == first => Fault::Status {
             status: 429,
             code: "SlowDown",
             retry_after: Some(RETRY_AFTER),
         },
-        s if s > FIRST && s < FIRST + 3 => Fault::Status {
+        s if s > first && s < first + 3 => Fault::Status {
             status: 503,
             code: "SlowDown",
             retry_after: Some(RETRY_AFTER),
@@ -421,7 +429,7 @@ fn throttling_honours_retry_after_and_lowers_concurrency() {
         _ => Fault::Pass,
     });
     let proxy = FaultProxy::start(
-        sw.s3_port,
+        upstream,
         plan,
         fault_proxy::Options {
             latency: LATENCY,
@@ -429,22 +437,17 @@ fn throttling_honours_retry_after_and_lowers_concurrency() {
         },
         &tmp.path().join("proxy.log"),
     );
-    let prefix = unique("throttle");
-    let to = format!(
-        "s3://{BUCKET}/{prefix}?endpoint={}&region={}",
-        proxy.endpoint(),
-        testbeds::S3_REGION
-    );
-    let mut push = nixpush_s3();
-    push.arg("push")
+    let to = to(&proxy.endpoint());
+    cmd.arg("push")
         .arg("--to")
         .arg(&to)
         .arg("--key-file")
         .arg(&keys.secret)
         .args(["--jobs", "8"])
         .args(&roots)
+        .env("NIXPUSH_REQUEST_TIMEOUT_SECS", "3")
         .env("NIXPUSH_LOG", "nixpush_backends=info");
-    let out = run_ok(&mut push);
+    let out = run_ok(&mut cmd);
     assert_eq!(pushed_count(&out), all.len(), "{}", out.report());
     for l in out.stderr.lines().filter(|l| l.contains("throttles")) {
         eprintln!("nixpush: {l}");
@@ -536,10 +539,50 @@ fn throttling_honours_retry_after_and_lowers_concurrency() {
         after <= sent / 2 + 3,
         "{after} in flight after the pause, {sent} before"
     );
+    all
+}
+
+#[test]
+fn throttling_s3_honours_retry_after_and_lowers_concurrency() {
+    let Some(sw) = testbeds::seaweedfs() else {
+        return;
+    };
+    let prefix = unique("throttle");
+    let region = testbeds::S3_REGION;
+    let all = throttled_push(
+        sw.s3_port,
+        60,
+        |endpoint| format!("s3://{BUCKET}/{prefix}?endpoint={endpoint}&region={region}"),
+        nixpush_s3(),
+    );
     // Publishing was slowed, not broken.
     let keys_in_bucket = bucket_keys(sw, &prefix);
     for p in &all {
         assert!(keys_in_bucket.contains(&format!("{}.narinfo", hash_part(p))));
+    }
+}
+
+#[test]
+fn throttling_http_honours_retry_after_and_lowers_concurrency() {
+    let Some(ngx) = testbeds::nginx() else { return };
+    let tmp = tempdir();
+    let token = tmp.path().join("token");
+    fs::write(&token, testbeds::HTTP_TOKEN).expect("token");
+    let path = unique("throttle-http");
+    // Past the presence checks (one HEAD per root), among the uploads.
+    let all = throttled_push(
+        ngx.port,
+        120,
+        |endpoint| format!("{endpoint}/{path}?token-file={}", token.display()),
+        nixpush(),
+    );
+    for p in &all {
+        assert!(
+            ngx.root
+                .join(&path)
+                .join(format!("{}.narinfo", hash_part(p)))
+                .is_file()
+        );
     }
 }
 
