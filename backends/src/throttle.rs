@@ -5,8 +5,9 @@
 //! Retrying each one on its own backoff while keeping as many in flight keeps hammering it
 //! (NixOS/nix#15023, Mic92/niks3#402). object_store (0.14) retries 429 and 5xx answers with its
 //! exponential backoff, but it ignores `Retry-After` and never sends fewer requests at once.
-//! So every HTTP request of the S3 backend (through an object_store `HttpConnector`) and of
-//! the HTTP backend takes a [`Permit`] of the backend's [`Limiter`] first:
+//! So every HTTP request of the S3 backend (through an object_store `HttpConnector`), of the
+//! GCS backend and of the HTTP backend takes a [`Permit`] of the backend's [`Limiter`] first
+//! (SFTP has one connection and no throttling answers):
 //! - **At most `limit` in flight**, from sending a request until its answer's status line and
 //!   headers are in (a streamed body being read afterwards is not counted: its reader may hold
 //!   it for as long as it likes).
