@@ -21,8 +21,12 @@
 //! - `exists` is `HEAD` (2xx: present, 404 or 410: absent), `get` a streamed `GET`, `delete`
 //!   a `DELETE` (404 and 410 count as done).
 //! - `put` streams a staged file from disk with its `Content-Length` (never chunked, never
-//!   buffered whole): memory stays at one read buffer whatever the size. No retries here: a
-//!   streamed body cannot be replayed, and the caller retries what is [`ErrorKind::Transient`].
+//!   buffered whole): memory stays at one read buffer whatever the size.
+//! - **Retries and throttling**: every request goes through the backend's
+//!   [`Limiter`](crate::throttle::Limiter) (429 and 503 halve the requests in flight, and
+//!   `Retry-After` holds them all back), and a request that failed transiently is sent again,
+//!   [`crate::ATTEMPTS`] times at most (a staged file is read again from the start; a `get`
+//!   is retried until its answer starts, not once its body streams).
 //! - **Atomic puts** are the server's: nginx's WebDAV module writes the body to a temporary
 //!   file and renames it into place, so a reader never sees half an object. A server that
 //!   writes in place would not give this.
@@ -46,9 +50,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt as _;
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, IF_NONE_MATCH};
+use std::sync::Arc;
+
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, IF_NONE_MATCH, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 
+use crate::throttle::{Answer, DEFAULT_MAX_IN_FLIGHT, Limiter};
 use crate::{Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, PutMode, PutOptions};
 
 /// The environment variable holding a bearer token when the address names no credential file.
@@ -170,6 +177,7 @@ fn auth_check(auth: &HttpAuth) -> Option<String> {
 pub struct HttpBackend {
     client: reqwest::Client,
     config: HttpConfig,
+    limiter: Arc<Limiter>,
 }
 
 impl fmt::Debug for HttpBackend {
@@ -195,11 +203,20 @@ impl HttpBackend {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // Between two reads, not for the whole transfer: large NARs take their time.
-            .read_timeout(Duration::from_secs(120))
+            .read_timeout(crate::request_timeout(Duration::from_secs(120)))
             .user_agent(concat!("nixpush/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| BackendError::config(e.to_string()))?;
-        Ok(Self { client, config })
+        Ok(Self {
+            client,
+            config,
+            limiter: Limiter::new(DEFAULT_MAX_IN_FLIGHT),
+        })
+    }
+
+    /// The backend's adaptive limit of requests in flight (see [`crate::throttle`]).
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
     }
 
     fn url(&self, op: &'static str, key: &str) -> Result<url::Url, BackendError> {
@@ -222,16 +239,80 @@ impl HttpBackend {
         self.config.auth.apply(self.client.request(method, url))
     }
 
-    /// Send; a transport failure becomes a classified error.
+    /// Send, under a permit of the limiter; a transport failure becomes a classified error.
     async fn send(
         &self,
         op: &'static str,
         key: &str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
-        req.send()
+        let permit = self.limiter.acquire().await;
+        let resp = req
+            .send()
             .await
-            .map_err(|e| crate::transport_error(op, key, &e))
+            .map_err(|e| crate::transport_error(op, key, &e))?;
+        let retry_after = resp.headers().get(RETRY_AFTER).map(HeaderValue::as_bytes);
+        permit.answered(Answer::from_status(resp.status().as_u16(), retry_after));
+        Ok(resp)
+    }
+
+    /// One attempt at a put.
+    async fn put_once(
+        &self,
+        url: &url::Url,
+        key: &str,
+        body: &Body,
+        opts: &PutOptions,
+    ) -> Result<(), BackendError> {
+        if opts.mode == PutMode::Create && self.exists_once(key).await? {
+            return Err(BackendError::new(
+                ErrorKind::AlreadyExists,
+                "put",
+                key,
+                "object exists",
+            ));
+        }
+        let mut req = self
+            .request(Method::PUT, url.clone())
+            .header(CONTENT_TYPE, opts.content_type);
+        if opts.mode == PutMode::Create {
+            req = req.header(IF_NONE_MATCH, "*");
+        }
+        let req = match body {
+            Body::Bytes(b) => req.body(b.clone()),
+            Body::File(staged) => {
+                let file = tokio::fs::File::open(staged)
+                    .await
+                    .map_err(|e| BackendError::io("put", key, e))?;
+                let len = file
+                    .metadata()
+                    .await
+                    .map_err(|e| BackendError::io("put", key, e))?
+                    .len();
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+                req.header(CONTENT_LENGTH, len)
+                    .body(reqwest::Body::wrap_stream(stream))
+            }
+        };
+        let resp = self.send("put", key, req).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(status_err("put", key, resp).await)
+        }
+    }
+
+    /// One attempt at `exists`.
+    async fn exists_once(&self, key: &str) -> Result<bool, BackendError> {
+        let url = self.url("exists", key)?;
+        let resp = self
+            .send("exists", key, self.request(Method::HEAD, url))
+            .await?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(false),
+            _ => Err(status_err("exists", key, resp).await),
+        }
     }
 }
 
@@ -265,69 +346,29 @@ impl Backend for HttpBackend {
     #[tracing::instrument(level = "debug", skip(self, body, opts), fields(backend = "http", mode = ?opts.mode))]
     async fn put(&self, key: &str, body: Body, opts: PutOptions) -> Result<(), BackendError> {
         let url = self.url("put", key)?;
-        if opts.mode == PutMode::Create && self.exists(key).await? {
-            return Err(BackendError::new(
-                ErrorKind::AlreadyExists,
-                "put",
-                key,
-                "object exists",
-            ));
-        }
-        let mut req = self
-            .request(Method::PUT, url)
-            .header(CONTENT_TYPE, opts.content_type);
-        if opts.mode == PutMode::Create {
-            req = req.header(IF_NONE_MATCH, "*");
-        }
-        let req = match body {
-            Body::Bytes(b) => req.body(b),
-            Body::File(staged) => {
-                let file = tokio::fs::File::open(&staged)
-                    .await
-                    .map_err(|e| BackendError::io("put", key, e))?;
-                let len = file
-                    .metadata()
-                    .await
-                    .map_err(|e| BackendError::io("put", key, e))?
-                    .len();
-                // The staged file is unlinked when `staged` drops; the open handle keeps its
-                // contents readable until the upload ends.
-                drop(staged);
-                let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-                req.header(CONTENT_LENGTH, len)
-                    .body(reqwest::Body::wrap_stream(stream))
-            }
-        };
-        let resp = self.send("put", key, req).await?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(status_err("put", key, resp).await)
-        }
+        // A staged file stays until the last attempt is over (it is unlinked when dropped).
+        crate::retry_transient("put", key, || self.put_once(&url, key, &body, &opts)).await
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = "http"))]
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
-        let url = self.url("exists", key)?;
-        let resp = self
-            .send("exists", key, self.request(Method::HEAD, url))
-            .await?;
-        match resp.status() {
-            s if s.is_success() => Ok(true),
-            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(false),
-            _ => Err(status_err("exists", key, resp).await),
-        }
+        crate::retry_transient("exists", key, || self.exists_once(key)).await
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = "http"))]
     async fn get(&self, key: &str) -> Result<ByteStream, BackendError> {
         let url = self.url("get", key)?;
-        let resp = self
-            .send("get", key, self.request(Method::GET, url))
-            .await?;
-        if !resp.status().is_success() {
-            return Err(status_err("get", key, resp).await);
-        }
+        let resp = crate::retry_transient("get", key, || async {
+            let resp = self
+                .send("get", key, self.request(Method::GET, url.clone()))
+                .await?;
+            if resp.status().is_success() {
+                Ok(resp)
+            } else {
+                Err(status_err("get", key, resp).await)
+            }
+        })
+        .await?;
         let key = key.to_owned();
         Ok(Box::pin(
             resp.bytes_stream()
@@ -348,14 +389,17 @@ impl Backend for HttpBackend {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = "http"))]
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
         let url = self.url("delete", key)?;
-        let resp = self
-            .send("delete", key, self.request(Method::DELETE, url))
-            .await?;
-        match resp.status() {
-            s if s.is_success() => Ok(()),
-            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(()),
-            _ => Err(status_err("delete", key, resp).await),
-        }
+        crate::retry_transient("delete", key, || async {
+            let resp = self
+                .send("delete", key, self.request(Method::DELETE, url.clone()))
+                .await?;
+            match resp.status() {
+                s if s.is_success() => Ok(()),
+                StatusCode::NOT_FOUND | StatusCode::GONE => Ok(()),
+                _ => Err(status_err("delete", key, resp).await),
+            }
+        })
+        .await
     }
 
     fn describe(&self) -> String {

@@ -56,6 +56,56 @@ pub mod http;
 pub mod s3;
 #[cfg(feature = "sftp")]
 pub mod sftp;
+pub mod throttle;
+
+/// Overrides how long one request to an S3 or HTTP cache may take, in whole seconds (S3: the
+/// whole request, body included, default 300; HTTP: silence between two reads, default 120).
+/// For slow links, and for tests whose server stalls on purpose.
+pub const REQUEST_TIMEOUT_ENV: &str = "NIXPUSH_REQUEST_TIMEOUT_SECS";
+
+/// [`REQUEST_TIMEOUT_ENV`] if set to a positive number, else `default`.
+#[cfg(any(feature = "s3", feature = "http"))]
+pub(crate) fn request_timeout(default: std::time::Duration) -> std::time::Duration {
+    std::env::var(REQUEST_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(default, std::time::Duration::from_secs)
+}
+
+/// Attempts of one whole operation, at most, where a backend retries operations itself (S3
+/// puts, which object_store does not retry after a timeout or a broken answer; every HTTP
+/// request). Only [`ErrorKind::Transient`] failures are tried again, after 0.1, 0.2, 0.4 s.
+#[cfg(any(feature = "s3", feature = "http"))]
+pub(crate) const ATTEMPTS: u32 = 4;
+
+/// Run `f` until it succeeds, fails other than transiently, or [`ATTEMPTS`] are used up.
+/// Safe for puts too: a retried put that had in fact landed overwrites it with the same bytes,
+/// or (create-if-absent) reports [`ErrorKind::AlreadyExists`], as if another writer had won.
+#[cfg(any(feature = "s3", feature = "http"))]
+pub(crate) async fn retry_transient<T, F, Fut>(
+    op: &'static str,
+    key: &str,
+    mut f: F,
+) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BackendError>>,
+{
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                tracing::debug!(op, key, attempt, error = %e, "retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
 
 /// The size up to which every backend supports [`PutMode::Create`] (see the contract).
 pub const CREATE_LIMIT: u64 = 8 << 20;
@@ -289,6 +339,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// for a batch instead of two per path). Publishers then gather small objects into
     /// batches; elsewhere they put each object as soon as it is ready.
     fn durable_in_batches(&self) -> bool {
+        false
+    }
+
+    /// Whether [`PutMode::Create`] costs what [`PutMode::Overwrite`] costs, for bodies of up
+    /// to [`CREATE_LIMIT`] bytes: one conditional request (S3's `If-None-Match: *`), not a
+    /// check before the put (HTTP) or a slower way to write (a local directory links where it
+    /// would rename). Publishers then create NARs if absent too, so that builders racing on
+    /// one path store its NAR once; elsewhere they overwrite (the same bytes under the same
+    /// key). The default: no.
+    fn creates_in_one_request(&self) -> bool {
         false
     }
 

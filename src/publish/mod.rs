@@ -18,7 +18,9 @@
 //! 4. The NarHash and NarSize we computed must equal what Nix's database says, or the path is
 //!    refused (the store is corrupt) and nothing of it becomes visible.
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one
-//!    wins and the second does not rewrite it. `force` overwrites.
+//!    wins and the second does not rewrite it. `force` overwrites. NARs (named by their
+//!    FileHash) are created if absent too where the backend does that in one request
+//!    ([`Backend::creates_in_one_request`]), and overwritten elsewhere.
 
 mod batch;
 pub mod filter;

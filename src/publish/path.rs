@@ -96,18 +96,36 @@ pub(super) async fn publish_one(
         .map_err(|e| PathError::Internal(e.to_string()))?;
         drop(slot);
         debug!(key, file_size = staged.file_size, "uploading NAR");
+        // The key is the NAR's FileHash: an object there holds these very bytes. Where
+        // creating costs nothing more, create it if absent, so that builders racing on a
+        // path store its NAR once; `force` (and so repair) always rewrites it.
+        let mode = if !ctx.opts.force
+            && staged.file_size <= nixpush_backends::CREATE_LIMIT
+            && ctx.backend.creates_in_one_request()
+        {
+            PutMode::Create
+        } else {
+            PutMode::Overwrite
+        };
         let put = Put {
             key: key.clone(),
             body: Body::File(staged.file),
             opts: PutOptions {
-                mode: PutMode::Overwrite,
+                mode,
                 content_type: "application/x-nix-nar",
             },
         };
         let started = std::time::Instant::now();
-        match batcher {
-            Some(b) => b.put(put, staged.file_size).await?,
-            None => ctx.backend.put(&put.key, put.body, put.opts).await?,
+        let stored = match batcher {
+            Some(b) => b.put(put, staged.file_size).await,
+            None => ctx.backend.put(&put.key, put.body, put.opts).await,
+        };
+        match stored {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::AlreadyExists && mode == PutMode::Create => {
+                debug!(key, "NAR already stored by another writer");
+            }
+            Err(e) => return Err(e.into()),
         }
         let upload = started.elapsed();
         // The listing goes before the narinfo, so that a reader who finds one finds both.

@@ -21,7 +21,9 @@
 //! - `listing`: `list` and the ordered one-request pages of `list_page`.
 //! - `error`: error responses, classified into [`ErrorKind`]s; the missing bucket.
 //! - here: the backend, the JSON API's URLs, and the requests on one object (exists, get,
-//!   delete). **Get** streams the response body.
+//!   delete). **Get** streams the response body. Every request to the store goes through
+//!   the backend's adaptive [`Limiter`](crate::throttle::Limiter) (429 and 503 halve the
+//!   requests in flight, `Retry-After` holds them back); no request is retried here.
 
 mod address;
 mod auth;
@@ -30,6 +32,7 @@ mod listing;
 mod upload;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -41,6 +44,7 @@ pub use auth::{GcsCredentials, SCOPE, TOKEN_URI};
 pub use listing::LIST_PAGE;
 pub use upload::{RESUMABLE_ABOVE, RESUMABLE_CHUNK};
 
+use crate::throttle::{Answer, DEFAULT_MAX_IN_FLIGHT, Limiter};
 use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutOptions};
 use address::valid_key;
 use error::{bucket_missing, missing_bucket_error, response_error};
@@ -62,6 +66,8 @@ pub struct GcsBackend {
     /// The access token and when it expires; locked while a new one is fetched.
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
     list_page_size: u32,
+    /// Requests in flight, adapted to the store's throttling.
+    limiter: Arc<Limiter>,
 }
 
 impl fmt::Debug for GcsBackend {
@@ -90,6 +96,7 @@ impl GcsBackend {
             config,
             token: tokio::sync::Mutex::new(None),
             list_page_size: LIST_PAGE,
+            limiter: Limiter::new(DEFAULT_MAX_IN_FLIGHT),
         })
     }
 
@@ -150,9 +157,27 @@ impl GcsBackend {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        req.send()
+        self.send_limited(op, key, req).await
+    }
+
+    /// Send under a permit of the limiter, telling it whether the store throttled.
+    async fn send_limited(
+        &self,
+        op: &'static str,
+        key: &str,
+        req: RequestBuilder,
+    ) -> Result<Response, BackendError> {
+        let permit = self.limiter.acquire().await;
+        let resp = req
+            .send()
             .await
-            .map_err(|e| crate::transport_error(op, key, &e))
+            .map_err(|e| crate::transport_error(op, key, &e))?;
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .map(|v| v.as_bytes());
+        permit.answered(Answer::from_status(resp.status().as_u16(), retry_after));
+        Ok(resp)
     }
 }
 

@@ -217,9 +217,7 @@ impl GcsBackend {
         if self.same_origin(session) {
             self.send(op, key, req).await
         } else {
-            req.send()
-                .await
-                .map_err(|e| crate::transport_error(op, key, &e))
+            self.send_limited(op, key, req).await
         }
     }
 
@@ -258,10 +256,7 @@ impl GcsBackend {
             } else {
                 req
             };
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| crate::transport_error("put", key, &e))?;
+            let resp = self.send_limited("put", key, req).await?;
             let status = resp.status();
             if status.is_success() {
                 if last + 1 == total {

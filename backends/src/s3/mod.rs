@@ -11,17 +11,27 @@
 //! - `upload`: puts, and how they stay atomic, create-if-absent and bounded in memory.
 //! - `listing`: `list` and the ordered one-request pages of `list_page`.
 //! - `error`: object_store's errors, classified into [`ErrorKind`]s.
+//! - `throttled`: every HTTP request through the backend's adaptive limit
+//!   ([`crate::throttle`]).
 //! - here: the backend, its HTTP client, and the requests on one object (exists, get, delete).
 //!
-//! # Retries
-//! object_store retries connection failures, 5xx and throttling with exponential backoff, for
-//! at most [`RETRY_TIMEOUT`] and [`MAX_RETRIES`] times per request (shorter than its defaults:
-//! the caller retries too, and a down cache should be reported within seconds).
+//! # Retries and throttling
+//! object_store retries connection failures, 5xx and throttling (429) with exponential
+//! backoff, for at most [`RETRY_TIMEOUT`] and [`MAX_RETRIES`] times per request (shorter than
+//! its defaults: the caller retries too, and a down cache should be reported within seconds).
+//! It does not read `Retry-After`, never lowers its concurrency, and does not retry a PUT
+//! that timed out or whose answer broke off (not idempotent to it). So: every request also
+//! goes through the backend's [`Limiter`](crate::throttle::Limiter), which honours
+//! `Retry-After` and halves the requests in flight on 429 and 503; and a put that failed
+//! transiently is tried again whole ([`crate::retry_transient`]), which is safe because our
+//! puts are idempotent (a NAR's key is its hash; a narinfo's create-if-absent then answers
+//! "already exists").
 
 mod address;
 mod credentials;
 mod error;
 mod listing;
+mod throttled;
 mod upload;
 
 use std::fmt;
@@ -37,9 +47,11 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStoreExt as _, RetryConfi
 pub use address::S3Config;
 pub use credentials::S3Credentials;
 pub use upload::{
-    MAX_PARTS, MEMORY_BUDGET, MIN_PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX, part_size,
+    MAX_PARTS, MEMORY_BUDGET, MIN_PART_SIZE, PARTS_IN_FLIGHT, S3_MIN_PART_SIZE, SINGLE_PUT_MAX,
+    part_size,
 };
 
+use crate::throttle::{DEFAULT_MAX_IN_FLIGHT, Limiter};
 use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutOptions};
 use error::map_err;
 
@@ -55,6 +67,10 @@ pub struct S3Backend {
     memory: Arc<tokio::sync::Semaphore>,
     /// `max-keys` of a [`Backend::list_page`] request; `None`: the store's default (1000 on S3).
     list_page_size: Option<usize>,
+    /// Requests in flight, adapted to the store's throttling.
+    limiter: Arc<Limiter>,
+    /// How multipart uploads are cut.
+    multipart: upload::Multipart,
 }
 
 impl fmt::Debug for S3Backend {
@@ -81,13 +97,17 @@ impl S3Backend {
         let mut client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(10))
             // A whole request, one part included: 8 MiB at 256 kbit/s.
-            .with_timeout(Duration::from_secs(300));
+            .with_timeout(crate::request_timeout(Duration::from_secs(300)));
+        let limiter = Limiter::new(DEFAULT_MAX_IN_FLIGHT);
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
             .with_credentials(provider)
             .with_virtual_hosted_style_request(false)
             .with_disable_bulk_delete(true)
+            .with_http_connector(throttled::ThrottledConnector {
+                limiter: limiter.clone(),
+            })
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
@@ -112,7 +132,22 @@ impl S3Backend {
             config,
             memory: Arc::new(tokio::sync::Semaphore::new((MEMORY_BUDGET >> 20) as usize)),
             list_page_size: None,
+            limiter,
+            multipart: upload::Multipart::default(),
         })
+    }
+
+    /// The backend's adaptive limit of requests in flight (see [`crate::throttle`]).
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// Cut multipart uploads into at most `max_parts` parts (S3 allows [`MAX_PARTS`]) of at
+    /// least `min_part_size` bytes (S3 requires [`S3_MIN_PART_SIZE`]): tests use a few parts
+    /// to see the part size grow on a small file. Values outside S3's limits are clamped.
+    pub fn with_multipart_limits(mut self, min_part_size: u64, max_parts: u64) -> Self {
+        self.multipart = upload::Multipart::new(min_part_size, max_parts);
+        self
     }
 
     /// Ask for pages of at most `n` entries in [`Backend::list_page`] (tests use small pages).
@@ -192,6 +227,12 @@ impl Backend for S3Backend {
                 }
             }
         }
+    }
+
+    /// A put of at most [`crate::CREATE_LIMIT`] bytes is one PUT, with `If-None-Match: *`
+    /// in [`crate::PutMode::Create`].
+    fn creates_in_one_request(&self) -> bool {
+        true
     }
 
     fn describe(&self) -> String {
