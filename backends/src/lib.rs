@@ -33,7 +33,7 @@
 //! | `s3://bucket[/prefix]?region=&endpoint=&profile=&scheme=` | `s3` | `s3` (+ `s3-aws-config` for the AWS credential chain) |
 //! | `http://host/path`, `https://...` (a server that accepts PUT) | `http` | `http` |
 //! | `sftp://[user@]host[:port]/path?identity=&known-hosts=&insecure-accept-any-host-key=` | `sftp` | `sftp` |
-//! | `gs://bucket[/prefix]?credentials=&anonymous=&endpoint=` | `gcs` | `gcs` |
+//! | `gs://bucket[/prefix]?credentials=&anonymous=&metadata-server=&endpoint=` | `gcs` | `gcs` |
 //!
 //! All are on by default. Each refuses parameters it does not know, naming them.
 
@@ -529,7 +529,10 @@ pub(crate) fn assemble_page(
 }
 
 /// A transport failure of an HTTP request (HTTP and GCS backends): anything that did not get as
-/// far as a status code. The message holds the whole chain of causes.
+/// far as a status code. The message names the server and the deepest cause, once
+/// (`cannot connect to http://127.0.0.1:9: Connection refused (os error 111)`): reqwest's and
+/// hyper's own layers (`error sending request for url (...)`, `client error (Connect)`, `tcp
+/// connect error`) say nothing more.
 #[cfg(any(feature = "http", feature = "gcs"))]
 pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -> BackendError {
     let kind = if e.is_builder() {
@@ -539,14 +542,45 @@ pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -
     } else {
         ErrorKind::Other
     };
-    let mut message = e.to_string();
+    let mut root = None;
     let mut cur = std::error::Error::source(e);
     while let Some(c) = cur {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
+        let t = c.to_string();
+        if !t.trim().is_empty() {
+            root = Some(t);
+        }
         cur = c.source();
     }
+    let server = e
+        .url()
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null");
+    let message = match (server, root) {
+        (Some(s), Some(r)) if e.is_connect() => format!("cannot connect to {s}: {r}"),
+        (Some(s), Some(r)) if e.is_timeout() => format!("no answer from {s} in time: {r}"),
+        (Some(s), None) if e.is_timeout() => format!("no answer from {s} in time"),
+        (Some(s), Some(r)) => format!("the connection to {s} failed: {r}"),
+        (_, Some(r)) => r,
+        (_, None) => e.without_url_text(),
+    };
     BackendError::new(kind, op, key, message)
+}
+
+/// reqwest's message without the URL it appends (`for url (...)`).
+#[cfg(any(feature = "http", feature = "gcs"))]
+trait WithoutUrl {
+    fn without_url_text(&self) -> String;
+}
+
+#[cfg(any(feature = "http", feature = "gcs"))]
+impl WithoutUrl for reqwest::Error {
+    fn without_url_text(&self) -> String {
+        let t = self.to_string();
+        match t.split_once(" for url (") {
+            Some((head, _)) => head.to_owned(),
+            None => t,
+        }
+    }
 }
 
 #[cfg(test)]

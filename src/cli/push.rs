@@ -43,7 +43,7 @@ pub struct PushArgs {
     /// `http(s)://host/path`, a server that accepts PUT (`?token-file=` or
     /// `?basic-auth-file=`); `sftp://[user@]host[:port]/path`, a directory over SSH
     /// (`?identity=&known-hosts=`; host keys checked); `gs://bucket[/prefix]`, Google Cloud
-    /// Storage (`?credentials=`). Nix's store parameters `compression`, `secret-key` and
+    /// Storage (`?credentials=`, or `?metadata-server=true` on GCE and GKE). Nix's store parameters `compression`, `secret-key` and
     /// `parallel-compression` are understood in any address.
     #[arg(long, env = "NIXPUSH_TO", value_name = "CACHE")]
     to: String,
