@@ -291,8 +291,9 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         format!("nothing to push: {} already has {what}", backend.describe())
     } else {
         format!(
-            "pushed {} paths to {} ({} NAR, {} {compression}) in {secs:.1}s, {}/s; {} already there",
+            "pushed {} {} to {} ({} NAR, {} {compression}) in {secs:.1}s, {}/s; {} already there",
             s.published,
+            if s.published == 1 { "path" } else { "paths" },
             backend.describe(),
             HumanBytes(s.nar_bytes),
             HumanBytes(s.file_bytes),
