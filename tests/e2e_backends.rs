@@ -5,7 +5,11 @@
 //!   S3 HTTP endpoint, where the bucket allows anonymous reads (this Nix has no `s3://`);
 //! - two `nixpush push` processes publishing overlapping closures into one S3 prefix at the
 //!   same time: every narinfo is created exactly once and never rewritten, is signed and
-//!   valid, and no NAR is missing.
+//!   valid, and no NAR is missing;
+//! - what goes wrong with an S3 cache (no server, no credentials, an unknown access key, a
+//!   wrong secret, a missing bucket) is said once, word for word, with what to try;
+//! - keys from an AWS profile (`profile=`, `AWS_PROFILE`) in the files
+//!   `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` name.
 //!
 //! The servers are the ones the backend conformance suite uses (`backends/tests/support`),
 //! started once for this test binary. Credentials are always given explicitly, and

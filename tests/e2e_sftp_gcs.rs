@@ -10,6 +10,9 @@
 //! `nix copy` substitutes the closure into a fresh store, signatures required. A second push
 //! finds everything present and uploads nothing.
 //!
+//! What goes wrong with a GCS cache is said once, with what to try; the metadata server (a
+//! loopback stand-in named by `GCE_METADATA_HOST`) is asked only with `metadata-server=true`.
+//!
 //! The servers are the ones the backend tests use (`backends/tests/support/testbeds.rs`).
 
 #![cfg(all(feature = "sftp", feature = "gcs"))]
