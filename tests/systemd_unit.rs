@@ -262,7 +262,11 @@ fn systemd_analyze_verify_accepts_the_unit_with_its_drop_ins() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI=true and {msg}");
         }
-        eprintln!("\n!!!!!!!! SKIPPED: {msg} !!!!!!!!\n");
+        // Straight to stderr: the test harness captures eprintln!, and this must be seen.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("\n!!!!!!!! SKIPPED: {msg} !!!!!!!!\n\n").as_bytes(),
+        );
         return;
     };
     assert!(probe.status.success());

@@ -145,7 +145,8 @@ impl BackendError {
         }
     }
 
-    /// Classify an I/O error from a local or remote file system.
+    /// Classify an I/O error from a local or remote file system. A read-only file system
+    /// says where that usually comes from: a service's sandbox.
     pub fn io(op: &'static str, key: &str, e: io::Error) -> Self {
         use io::ErrorKind as K;
         let kind = match e.kind() {
@@ -165,7 +166,7 @@ impl BackendError {
             kind,
             op,
             key: key.to_owned(),
-            message: e.to_string(),
+            message: format!("{e}{}", read_only_hint(&e)),
             source: None,
         }
     }
@@ -182,6 +183,18 @@ impl BackendError {
 
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
+    }
+}
+
+/// What to add to an I/O error's text when it is a read-only file system: most often a
+/// service's sandbox, which names the directories it may write.
+pub(crate) fn read_only_hint(e: &io::Error) -> &'static str {
+    if e.kind() == io::ErrorKind::ReadOnlyFilesystem {
+        "; the directory is on a read-only mount: under systemd's ProtectSystem=strict, add it \
+         to the unit's ReadWritePaths= in a drop-in, as nixpush's \
+         systemd/nixpush.service.d/local-cache.conf does"
+    } else {
+        ""
     }
 }
 
