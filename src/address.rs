@@ -98,8 +98,13 @@ impl Address {
                 param,
             }),
         };
-        let mut rest = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        // The backend's own parameters stay as they were written (not re-encoded), so that
+        // its messages show the address as the user gave it.
+        let mut rest: Vec<&str> = Vec::new();
+        for piece in query.split('&').filter(|p| !p.is_empty()) {
+            let Some((k, v)) = url::form_urlencoded::parse(piece.as_bytes()).next() else {
+                continue;
+            };
             match &*k {
                 "compression" => {
                     out.compression =
@@ -115,14 +120,11 @@ impl Address {
                 "write-nar-listing" => {
                     out.write_nar_listing = Some(boolean("write-nar-listing", &v)?)
                 }
-                _ => {
-                    rest.append_pair(&k, &v);
-                }
+                _ => rest.push(piece),
             }
         }
-        let rest = rest.finish();
         if !rest.is_empty() {
-            out.backend = format!("{base}?{rest}");
+            out.backend = format!("{base}?{}", rest.join("&"));
         }
         Ok(out)
     }

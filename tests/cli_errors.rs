@@ -8,6 +8,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -341,6 +342,111 @@ fn cache_error_says_its_cause_once() {
         "Is a directory",
     );
     assert_eq!(narinfo_files(&cache), Vec::<String>::new());
+}
+
+/// A cache directory on a read-only mount (what `ProtectSystem=strict` makes of every directory
+/// the unit does not name) is reported with where that comes from and what to add.
+#[test]
+fn a_read_only_cache_says_how_to_make_it_writable() {
+    let c = small_closure();
+    let tmp = tempdir();
+    for made in [false, true] {
+        read_only_cache_case(c, tmp.path(), made);
+    }
+}
+
+/// One push into a read-only cache directory: new (`nar/` still to be made, when the cache is
+/// opened), or made before (the first write fails).
+fn read_only_cache_case(c: &SmallClosure, dir: &Path, made: bool) {
+    let cache = dir.join(if made { "made" } else { "new" });
+    fs::create_dir_all(&cache).expect("mkdir");
+    if made {
+        fs::create_dir_all(cache.join("nar")).expect("mkdir nar");
+    }
+    // A private mount namespace where the cache is bind-mounted read-only over itself, as
+    // systemd's sandbox does: as root a mount namespace is enough (and a chroot, as in the
+    // sid set-up, refuses user namespaces); otherwise in a user namespace, which needs no
+    // privilege.
+    let script =
+        "mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\" && shift && exec \"$@\"";
+    let ways: [&[&str]; 2] = [&["--mount"], &["--user", "--map-root-user", "--mount"]];
+    let Some(way) = ways.into_iter().find(|w| {
+        Command::new("unshare")
+            .args(*w)
+            .args(["sh", "-c", script, "sh"])
+            .arg(&cache)
+            .arg("true")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        let msg = "unshare cannot make a mount namespace here (util-linux; root or user \
+                   namespaces)";
+        // In a chroot (the sid set-up) the kernel refuses user namespaces, and a mount
+        // namespace cannot make `/` private; the host set-ups run this test.
+        use std::os::unix::fs::MetadataExt as _;
+        let root = |p: &str| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+        let chrooted = root("/") != root("/proc/1/root/");
+        assert!(
+            chrooted || std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI=true and {msg}"
+        );
+        let msg = if chrooted {
+            format!("{msg}: in a chroot, where the host set-ups run it instead")
+        } else {
+            msg.to_owned()
+        };
+        // Straight to stderr: the test harness captures eprintln!, and this must be seen.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("\n!!!!!!!! SKIPPED: {msg} !!!!!!!!\n\n").as_bytes(),
+        );
+        return;
+    };
+    let mut cmd = Command::new("unshare");
+    // The environment `nixpush()` gives the binary.
+    for (k, v) in nixpush().get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.args(way)
+        .args(["sh", "-c", script, "sh"])
+        .arg(&cache)
+        .arg(&*NIXPUSH)
+        .args(["push", "--no-sign", "--to"])
+        .arg(format!("file://{}", cache.display()))
+        .arg(&c.leaf);
+    let out = run_fail(&mut cmd);
+    let hint = "; the directory is on a read-only mount: under systemd's ProtectSystem=strict, \
+                add it to the unit's ReadWritePaths= in a drop-in, as nixpush's \
+                systemd/nixpush.service.d/local-cache.conf does";
+    if made {
+        // The temporary file beside the object is what could not be made.
+        let line = out.stderr.trim_end();
+        let head = format!(
+            "nixpush: error: cache file://{c}: put \"nix-cache-info\": Read-only file system \
+             (os error 30) at path \"{c}/.nixpush-",
+            c = cache.display()
+        );
+        assert!(
+            line.starts_with(&head) && line.ends_with(&format!(".tmp\"{hint}")),
+            "{}",
+            out.report()
+        );
+        assert_eq!(line.lines().count(), 1, "{}", out.report());
+        assert_eq!(line.matches("Read-only").count(), 1, "{}", out.report());
+    } else {
+        error_line_is(
+            &out,
+            &format!(
+                "invalid cache address \"file://{c}\": cannot create {c}/nar: Read-only file \
+                 system (os error 30){hint}",
+                c = cache.display()
+            ),
+            "Read-only file system",
+        );
+    }
 }
 
 #[test]

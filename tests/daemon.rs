@@ -1263,6 +1263,133 @@ fn status_reads_as_sentences_and_the_socket_goes_with_the_daemon() {
     );
 }
 
+/// `nixpush status` shows what waits in `rejected/` (every entry there, whichever run of the
+/// daemon rejected it): how many, and the newest few with their reasons, newest first, as
+/// `nixpush queue list` has them; `queue drop` and `queue retry` show in it at once.
+#[test]
+fn status_shows_the_rejected_entries_newest_first_with_their_reasons() {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    let old = Duration::from_secs(60);
+    // One at a time, each rejected before the next is written, so their order is known.
+    let entries: [(&str, &[u8], &str); 4] = [
+        (
+            "e1-outside",
+            b"/etc/passwd\n",
+            "\"/etc/passwd\" is not in the Nix store",
+        ),
+        (
+            "e2-words",
+            b"not a path\n",
+            "\"not\" is not in the Nix store",
+        ),
+        ("e3-empty", b"", "names no store path"),
+        ("e4-binary", b"\xff\xfe\n", "not UTF-8"),
+    ];
+    for (name, bytes, _) in &entries {
+        write_entry_aged(&setup, name, bytes, old);
+        wait_until(
+            PATIENCE,
+            || rejections(&setup, &daemon),
+            || setup.rejected().contains(&format!("{name}.reason")),
+        );
+    }
+    let newest = |st: &serde_json::Value| -> Vec<(String, String)> {
+        st["newest_rejected"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no newest_rejected: {st}"))
+            .iter()
+            .map(|r| {
+                (
+                    r["entry"].as_str().expect("entry").to_owned(),
+                    r["reason"].as_str().expect("reason").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let names = |st: &serde_json::Value| -> Vec<String> {
+        newest(st).into_iter().map(|(n, _)| n).collect()
+    };
+    let st = setup.status();
+    assert_eq!(status_u64(&st, "rejected_entries"), 4, "{st}");
+    assert_eq!(names(&st), ["e4-binary", "e3-empty", "e2-words"], "{st}");
+    for (name, reason) in newest(&st) {
+        let (_, _, words) = entries.iter().find(|(n, ..)| *n == name).expect("known");
+        assert!(
+            reason.contains(words),
+            "{name}: {reason:?} should say {words:?}"
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    for r in st["newest_rejected"].as_array().expect("array") {
+        let at = r["at"].as_u64().unwrap_or_else(|| panic!("no time: {st}"));
+        assert!(
+            at <= now && now - at < 600,
+            "rejected at {at}, now {now}: {st}"
+        );
+    }
+
+    let out = run_ok(nixpush().arg("status").arg("--config").arg(&setup.config));
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| {
+            *l == "rejected:    4 entries in the queue's rejected/ (`nixpush queue list` shows all, \
+                   `nixpush queue retry NAME` puts one back); the newest:"
+        })
+        .unwrap_or_else(|| panic!("no rejected entries line: {}", out.report()));
+    assert!(
+        lines[at + 1].starts_with("  e4-binary  rejected 20") && lines[at + 1].ends_with(" UTC"),
+        "{}",
+        out.report()
+    );
+    assert!(
+        lines[at + 2].starts_with("    ") && lines[at + 2].contains("not UTF-8"),
+        "{}",
+        out.report()
+    );
+
+    // A new daemon has rejected nothing yet, but the entries are still there to deal with.
+    daemon.terminate(Duration::from_secs(30));
+    let daemon = setup.start();
+    let st = setup.status();
+    assert_eq!(status_u64(&st, "rejected"), 0, "{st}");
+    assert_eq!(status_u64(&st, "rejected_entries"), 4, "{st}");
+
+    // Dropped: gone from status. Retried and rejected again: the newest.
+    run_ok(
+        nixpush()
+            .args(["queue", "drop", "e4-binary", "--config"])
+            .arg(&setup.config),
+    );
+    run_ok(
+        nixpush()
+            .args(["queue", "retry", "e1-outside", "--config"])
+            .arg(&setup.config),
+    );
+    wait_until(
+        PATIENCE,
+        || rejections(&setup, &daemon),
+        || setup.rejected().contains(&"e1-outside.reason".to_owned()),
+    );
+    let st = setup.status();
+    assert_eq!(status_u64(&st, "rejected_entries"), 3, "{st}");
+    assert_eq!(names(&st), ["e1-outside", "e3-empty", "e2-words"], "{st}");
+    let out = run_ok(nixpush().arg("status").arg("--config").arg(&setup.config));
+    assert!(
+        out.stdout.contains(
+            "rejected:    3 entries in the queue's rejected/ (`nixpush queue list` shows all, \
+             `nixpush queue retry NAME` puts one back):\n  e1-outside  rejected "
+        ),
+        "{}",
+        out.report()
+    );
+    daemon.terminate(Duration::from_secs(30));
+}
+
 /// The log tells the start-up in the order it happens (started, then ready), and `-v` gives
 /// the daemon more than its log-level's info: debug.
 #[test]

@@ -5,7 +5,11 @@
 //!   S3 HTTP endpoint, where the bucket allows anonymous reads (this Nix has no `s3://`);
 //! - two `nixpush push` processes publishing overlapping closures into one S3 prefix at the
 //!   same time: every narinfo is created exactly once and never rewritten, is signed and
-//!   valid, and no NAR is missing.
+//!   valid, and no NAR is missing;
+//! - what goes wrong with an S3 cache (no server, no credentials, an unknown access key, a
+//!   wrong secret, a missing bucket) is said once, word for word, with what to try;
+//! - keys from an AWS profile (`profile=`, `AWS_PROFILE`) in the files
+//!   `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` name.
 //!
 //! The servers are the ones the backend conformance suite uses (`backends/tests/support`),
 //! started once for this test binary. Credentials are always given explicitly, and
@@ -222,6 +226,244 @@ fn s3_push_then_nix_substitutes_over_http() {
         std::slice::from_ref(&c.small),
     );
     assert_substituted(&root, &c.all(), &copy);
+}
+
+/// `nixpush` with no AWS keys or profile from the environment: the profile files are the
+/// ones in `dir` (written by the caller, else empty), HOME is `dir`, and cloud metadata is off.
+fn nixpush_s3_profiles(dir: &Path) -> Command {
+    for f in ["credentials", "config"] {
+        if !dir.join(f).exists() {
+            fs::write(dir.join(f), "").expect("profile file");
+        }
+    }
+    let mut c = nixpush();
+    for v in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("HOME", dir)
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("credentials"))
+        .env("AWS_CONFIG_FILE", dir.join("config"))
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    c
+}
+
+/// The one line a failed `nixpush push` printed, which must be `nixpush: error: {expected}`,
+/// with each of `once` in it exactly once.
+fn error_line_is(out: &Out, expected: &str, once: &[&str]) {
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!("nixpush: error: {expected}"),
+        "{}",
+        out.report()
+    );
+    for cause in once {
+        assert_eq!(
+            out.stderr.matches(cause).count(),
+            1,
+            "{cause:?} should appear exactly once: {}",
+            out.report()
+        );
+    }
+}
+
+/// Each way an S3 cache can be unusable is said once, in words, with what to try: a server
+/// that is not there, no credentials, an access key the server does not know, a secret key
+/// that does not match, a bucket that does not exist.
+#[test]
+fn s3_errors_say_their_cause_once_with_what_to_try() {
+    let Some(sw) = testbeds::seaweedfs() else {
+        return;
+    };
+    let c = small_closure();
+    let tmp = tempdir();
+    let prefix = unique("s3-errors");
+    let push = |mut cmd: Command, to: &str| {
+        run_fail(cmd.args(["push", "--no-sign", "--to"]).arg(to).arg(&c.leaf))
+    };
+    let at = sw.endpoint();
+
+    // Nothing listens there.
+    let port = testbeds::closed_port();
+    let to = format!("s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{port}");
+    let out = push(nixpush_s3(), &to);
+    error_line_is(
+        &out,
+        &format!(
+            "cache s3://{BUCKET}/{prefix} (at http://127.0.0.1:{port}): get \"nix-cache-info\": \
+             cannot connect to http://127.0.0.1:{port}: Connection refused (os error 111) (tried \
+             5 times); is the server up, and is the address's endpoint= right?"
+        ),
+        &["Connection refused"],
+    );
+
+    // No keys anywhere: what the chain tried, once, and how to give keys.
+    let to = sw.address(BUCKET, &prefix);
+    let d = tmp.path();
+    let out = push(nixpush_s3_profiles(d), &to);
+    error_line_is(
+        &out,
+        &format!(
+            "cache s3://{BUCKET}/{prefix} (at {at}): get \"nix-cache-info\": no AWS \
+             credentials: the AWS default credential chain tried Environment, Profile, \
+             WebIdentityToken, EcsContainer and Ec2InstanceMetadata (IMDS disabled by \
+             AWS_EC2_METADATA_DISABLED env var set to `true`); set AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY, or give the address profile=NAME (or set AWS_PROFILE) for a \
+             profile of {cred} ($AWS_SHARED_CREDENTIALS_FILE) and {conf} ($AWS_CONFIG_FILE)",
+            cred = d.join("credentials").display(),
+            conf = d.join("config").display(),
+        ),
+        &["Ec2InstanceMetadata", "Environment"],
+    );
+
+    // An access key the server never issued.
+    let out = push(
+        nixpush_with_s3_keys("nixpush-no-such-key", testbeds::S3_SECRET_KEY),
+        &to,
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "cache s3://{BUCKET}/{prefix} (at {at}): get \"nix-cache-info\": the server does \
+             not know the access key ID (InvalidAccessKeyId: The access key ID you provided does \
+             not exist in our records.); check AWS_ACCESS_KEY_ID"
+        ),
+        &["InvalidAccessKeyId"],
+    );
+
+    // The right access key with the wrong secret.
+    let out = push(
+        nixpush_with_s3_keys(testbeds::S3_ACCESS_KEY, "not-the-secret"),
+        &to,
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "cache s3://{BUCKET}/{prefix} (at {at}): get \"nix-cache-info\": the server refused \
+             the request's signature (SignatureDoesNotMatch: The request signature we calculated \
+             does not match the signature you provided. Check your key and signing method.): \
+             the secret key does not belong to the access key ID; check AWS_SECRET_ACCESS_KEY"
+        ),
+        &["SignatureDoesNotMatch"],
+    );
+    assert!(!out.stderr.contains("not-the-secret"), "{}", out.report());
+
+    // A bucket that is not there.
+    let missing = unique("nixpush-missing");
+    let to = sw.address(&missing, "");
+    let out = push(nixpush_s3(), &to);
+    error_line_is(
+        &out,
+        &format!(
+            "cache s3://{missing} (at {at}): get \"nix-cache-info\": no bucket {missing:?} at \
+             {at} (NoSuchBucket: The specified bucket does not exist); create it, or correct \
+             the bucket name in the address"
+        ),
+        &["NoSuchBucket", "does not exist"],
+    );
+}
+
+/// Keys from an AWS profile: `profile=NAME` in the address, or `AWS_PROFILE`, read from the
+/// files `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` name (no network: the profile
+/// holds the keys themselves). A profile wins over keys in the environment; a profile with
+/// wrong keys or none is named in the error, with the file to look in.
+#[test]
+fn s3_keys_come_from_an_aws_profile() {
+    let Some(sw) = testbeds::seaweedfs() else {
+        return;
+    };
+    let c = small_closure();
+    let tmp = tempdir();
+    let d = tmp.path();
+    let keys = nixpush_keygen(d, "e2e-s3-profile.example.org-1");
+    fs::write(
+        d.join("credentials"),
+        format!(
+            "[nixpush-e2e]\naws_access_key_id = {}\naws_secret_access_key = {}\n\n\
+             [nixpush-wrong]\naws_access_key_id = {}\naws_secret_access_key = not-the-secret\n",
+            testbeds::S3_ACCESS_KEY,
+            testbeds::S3_SECRET_KEY,
+            testbeds::S3_ACCESS_KEY
+        ),
+    )
+    .expect("credentials file");
+    fs::write(
+        d.join("config"),
+        format!(
+            "[profile nixpush-config-only]\naws_access_key_id = {}\n\
+             aws_secret_access_key = {}\nregion = {}\n",
+            testbeds::S3_ACCESS_KEY,
+            testbeds::S3_SECRET_KEY,
+            testbeds::S3_REGION
+        ),
+    )
+    .expect("config file");
+    let at = sw.endpoint();
+
+    // profile= in the address, with wrong keys in the environment that must not be used.
+    let prefix = unique("s3-profile");
+    let to = format!("{}&profile=nixpush-e2e", sw.address(BUCKET, &prefix));
+    let mut cmd = nixpush_s3_profiles(d);
+    cmd.env("AWS_ACCESS_KEY_ID", "nixpush-env-key")
+        .env("AWS_SECRET_ACCESS_KEY", "nixpush-env-secret");
+    let out = run_ok(&mut push_cmd(cmd, &to, &keys, &c.small));
+    assert_eq!(pushed_count(&out), c.all().len(), "{}", out.report());
+    let (code, body) = sw.curl_signed("GET", &format!("/{BUCKET}/{prefix}/nix-cache-info"));
+    assert_eq!(code, 200, "{body}");
+
+    // AWS_PROFILE, through the default chain; a profile of the config file only.
+    for (var, profile) in [
+        ("AWS_PROFILE", "nixpush-e2e"),
+        ("AWS_PROFILE", "nixpush-config-only"),
+    ] {
+        let prefix = unique("s3-aws-profile");
+        let to = sw.address(BUCKET, &prefix);
+        let mut cmd = nixpush_s3_profiles(d);
+        cmd.env(var, profile);
+        let out = run_ok(&mut push_cmd(cmd, &to, &keys, &c.leaf));
+        assert_eq!(pushed_count(&out), 1, "{profile}: {}", out.report());
+        let (code, body) = sw.curl_signed("GET", &format!("/{BUCKET}/{prefix}/nix-cache-info"));
+        assert_eq!(code, 200, "{profile}: {body}");
+    }
+
+    // Wrong keys in the profile: the error says which profile and where it is.
+    let prefix = unique("s3-profile-wrong");
+    let to = format!("{}&profile=nixpush-wrong", sw.address(BUCKET, &prefix));
+    let out = run_fail(&mut push_cmd(nixpush_s3_profiles(d), &to, &keys, &c.leaf));
+    let files = format!(
+        "{} ($AWS_SHARED_CREDENTIALS_FILE) and {} ($AWS_CONFIG_FILE)",
+        d.join("credentials").display(),
+        d.join("config").display()
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "cache s3://{BUCKET}/{prefix} (at {at}): get \"nix-cache-info\": the server refused \
+             the request's signature (SignatureDoesNotMatch: The request signature we calculated \
+             does not match the signature you provided. Check your key and signing method.): \
+             the secret key does not belong to the access key ID; check aws_secret_access_key \
+             of profile \"nixpush-wrong\" in {files}"
+        ),
+        &["SignatureDoesNotMatch"],
+    );
+
+    // A profile that is not there.
+    let to = format!("{}&profile=nixpush-absent", sw.address(BUCKET, &prefix));
+    let out = run_fail(&mut push_cmd(nixpush_s3_profiles(d), &to, &keys, &c.leaf));
+    error_line_is(
+        &out,
+        &format!(
+            "cache s3://{BUCKET}/{prefix} (at {at}): get \"nix-cache-info\": no AWS profile \
+             \"nixpush-absent\" in {files}; add a [nixpush-absent] section in the credentials \
+             file, or [profile nixpush-absent] in the config file, with aws_access_key_id and \
+             aws_secret_access_key, or correct profile= in the address"
+        ),
+        &["nixpush-absent\""],
+    );
 }
 
 /// Paths for the concurrency test: a chain of ten, ten independent leaves, and two roots that

@@ -10,6 +10,9 @@
 //! `nix copy` substitutes the closure into a fresh store, signatures required. A second push
 //! finds everything present and uploads nothing.
 //!
+//! What goes wrong with a GCS cache is said once, with what to try; the metadata server (a
+//! loopback stand-in named by `GCE_METADATA_HOST`) is asked only with `metadata-server=true`.
+//!
 //! The servers are the ones the backend tests use (`backends/tests/support/testbeds.rs`).
 
 #![cfg(all(feature = "sftp", feature = "gcs"))]
@@ -203,4 +206,283 @@ fn gcs_push_lands_a_cache_nix_can_read() {
     assert_eq!(names.len(), 2 * c.all().len() + 1, "{names:?}");
 
     nix_substitutes(&cache, &keys, &c.small, tmp.path());
+}
+
+/// A loopback stand-in for a metadata server or a token endpoint: answers every request with
+/// one canned response and keeps each request's first line and headers. It lives until the
+/// test process ends (a thread blocked in `accept`).
+struct StandIn {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl StandIn {
+    fn start(status: u16, headers: &'static str, body: &'static str) -> Self {
+        use std::io::{BufRead as _, Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("addr").port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let mut r = std::io::BufReader::new(conn);
+                let mut head = String::new();
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body_in = vec![0; len];
+                let _ = r.read_exact(&mut body_in);
+                log.lock().unwrap_or_else(|e| e.into_inner()).push(head);
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{headers}\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut conn = r.into_inner();
+                let _ = conn.write_all(resp.as_bytes());
+            }
+        });
+        StandIn { port, requests }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A fresh RSA key in PKCS#8 PEM (`BEGIN PRIVATE KEY`), as service-account files hold.
+fn rsa_private_key() -> String {
+    run_ok(std::process::Command::new("openssl").args([
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+    ]))
+    .stdout
+}
+
+/// `nixpush` with no Google credentials to find: HOME is `home` (no gcloud file there), no
+/// `GOOGLE_APPLICATION_CREDENTIALS`, no `GCE_METADATA_HOST`.
+fn nixpush_gcs(home: &Path) -> std::process::Command {
+    let mut c = nixpush();
+    c.env("HOME", home)
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("GCE_METADATA_HOST");
+    c
+}
+
+/// The one line a failed command printed, `nixpush: error: {expected}`, with each of `once`
+/// in it exactly once.
+fn error_line_is(out: &Out, expected: &str, once: &[&str]) {
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!("nixpush: error: {expected}"),
+        "{}",
+        out.report()
+    );
+    for cause in once {
+        assert_eq!(
+            out.stderr.matches(cause).count(),
+            1,
+            "{cause:?} should appear exactly once: {}",
+            out.report()
+        );
+    }
+}
+
+/// Each way a GCS cache can be unusable is said once, in words, with what to try: a server that
+/// is not there, no credentials, credentials the token endpoint refuses, a missing bucket.
+#[test]
+fn gcs_errors_say_their_cause_once_with_what_to_try() {
+    let Some(g) = tb::fake_gcs() else { return };
+    let c = small_closure();
+    let tmp = tempdir();
+    let home = tmp.path();
+    let push = |mut cmd: std::process::Command, to: &str| {
+        run_fail(cmd.args(["push", "--no-sign", "--to"]).arg(to).arg(&c.leaf))
+    };
+
+    let port = tb::closed_port();
+    let out = push(
+        nixpush_gcs(home),
+        &format!("gs://e2e-errors?endpoint=http://127.0.0.1:{port}&anonymous=true"),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "cache gs://e2e-errors (at http://127.0.0.1:{port}/): get \"nix-cache-info\": cannot \
+             connect to http://127.0.0.1:{port}: Connection refused (os error 111); is the \
+             server up, and is the address's endpoint= right?"
+        ),
+        &["Connection refused"],
+    );
+
+    let to = format!("gs://e2e-errors?endpoint={}", g.endpoint());
+    let out = push(nixpush_gcs(home), &to);
+    error_line_is(
+        &out,
+        &format!(
+            "invalid cache address {to:?}: no credentials: give credentials=FILE (a \
+             service-account key), set GOOGLE_APPLICATION_CREDENTIALS, run `gcloud auth \
+             application-default login`, give metadata-server=true on a Compute Engine VM or in \
+             GKE (the metadata server is asked only then), or give anonymous=true (public \
+             buckets, emulators)"
+        ),
+        &["no credentials"],
+    );
+
+    // A token endpoint that refuses the service account's JWT.
+    let token = StandIn::start(
+        400,
+        "",
+        r#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#,
+    );
+    let sa = tmp.path().join("sa.json");
+    fs::write(
+        &sa,
+        serde_json::json!({
+            "type": "service_account",
+            "private_key": rsa_private_key(),
+            "client_email": "pusher@nixpush-test.iam.gserviceaccount.com",
+            "token_uri": format!("http://{}/token", token.host()),
+        })
+        .to_string(),
+    )
+    .expect("credentials file");
+    let bucket = "e2e-errors-refused";
+    g.create_bucket(bucket);
+    let out = push(
+        nixpush_gcs(home),
+        &format!(
+            "gs://{bucket}?endpoint={}&credentials={}",
+            g.endpoint(),
+            sa.display()
+        ),
+    );
+    error_line_is(
+        &out,
+        &format!(
+            "cache gs://{bucket} (at {}/): get \"nix-cache-info\": http://{}/token refused the \
+             credentials (400 Bad Request: invalid_grant: Invalid JWT Signature.); check the \
+             service account pusher@nixpush-test.iam.gserviceaccount.com (from {}): its key may \
+             have been deleted or disabled",
+            g.endpoint(),
+            token.host(),
+            sa.display()
+        ),
+        &["invalid_grant"],
+    );
+    assert_eq!(token.requests().len(), 1, "{:?}", token.requests());
+
+    let missing = tb::unique("e2e-missing");
+    let out = push(nixpush_gcs(home), &g.address(&missing, ""));
+    assert!(
+        out.stderr.trim_end().starts_with(&format!(
+            "nixpush: error: cache gs://{missing} (at {}/): put \"nix-cache-info\": no bucket \
+             {missing:?} (404 Not Found",
+            g.endpoint()
+        )) && out
+            .stderr
+            .trim_end()
+            .ends_with("); create it, or correct the bucket name in the address"),
+        "{}",
+        out.report()
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.report());
+}
+
+/// The metadata server is asked for a token only when the address says `metadata-server=true`
+/// (here a loopback stand-in, named by `GCE_METADATA_HOST` as on GKE's own set-up), once per
+/// push, with `Metadata-Flavor: Google`; without the parameter it is never contacted, and a
+/// server that does not answer as a metadata server is refused.
+#[test]
+fn gcs_asks_the_metadata_server_only_when_told_to() {
+    let Some(g) = tb::fake_gcs() else { return };
+    let c = small_closure();
+    let tmp = tempdir();
+    let home = tmp.path();
+    let keys = nixpush_keygen(tmp.path(), "e2e-gcs-metadata.example.org-1");
+    let bucket = "e2e-metadata";
+    g.create_bucket(bucket);
+    let md = StandIn::start(
+        200,
+        "Metadata-Flavor: Google\r\n",
+        r#"{"access_token":"ya29.stand-in","expires_in":3599,"token_type":"Bearer"}"#,
+    );
+
+    // Not asked for: refused at once, the stand-in never hears of it.
+    let prefix = tb::unique("md");
+    let plain = format!("gs://{bucket}/{prefix}?endpoint={}", g.endpoint());
+    let mut cmd = nixpush_gcs(home);
+    cmd.env("GCE_METADATA_HOST", md.host());
+    let out = run_fail(&mut push_cmd(cmd, &plain, &keys, &c.leaf));
+    assert!(
+        out.stderr.contains("give metadata-server=true"),
+        "{}",
+        out.report()
+    );
+    assert_eq!(md.requests(), Vec::<String>::new());
+
+    // Asked for: one token for the whole push.
+    let to = format!("{plain}&metadata-server=true");
+    let mut cmd = nixpush_gcs(home);
+    cmd.env("GCE_METADATA_HOST", md.host());
+    let out = run_ok(&mut push_cmd(cmd, &to, &keys, &c.small));
+    assert_eq!(pushed_count(&out), c.all().len(), "{}", out.report());
+    let reqs = md.requests();
+    assert_eq!(reqs.len(), 1, "one token, cached: {reqs:?}");
+    let first_line = reqs[0].lines().next().unwrap_or("");
+    assert_eq!(
+        first_line,
+        "GET /computeMetadata/v1/instance/service-accounts/default/token?scopes=https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fdevstorage.read_write HTTP/1.1",
+        "{reqs:?}"
+    );
+    assert!(
+        reqs[0]
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("metadata-flavor: Google")),
+        "{reqs:?}"
+    );
+    let (status, _) = tb::http_request(
+        g.port,
+        "GET",
+        &format!("/storage/v1/b/{bucket}/o/{prefix}%2Fnix-cache-info"),
+        "",
+    );
+    assert_eq!(status, 200);
+
+    // Something else at that address: not taken for a metadata server.
+    let impostor = StandIn::start(200, "", r#"{"access_token":"not-from-google"}"#);
+    let mut cmd = nixpush_gcs(home);
+    cmd.env("GCE_METADATA_HOST", impostor.host());
+    let out = run_fail(&mut push_cmd(cmd, &to, &keys, &c.leaf));
+    error_line_is(
+        &out,
+        &format!(
+            "cache gs://{bucket}/{prefix} (at {}/): get \"nix-cache-info\": http://{} answered \
+             without \"Metadata-Flavor: Google\", so it is not a metadata server; is this a \
+             Compute Engine VM or a GKE pod (with Workload Identity)? Elsewhere give \
+             credentials=FILE",
+            g.endpoint(),
+            impostor.host()
+        ),
+        &["Metadata-Flavor"],
+    );
 }

@@ -85,7 +85,13 @@ impl FsBackend {
         let r = root.clone();
         let s = staging.clone();
         tokio::task::spawn_blocking(move || {
-            fs::create_dir_all(&s).map_err(|e| format!("cannot create {}: {e}", s.display()))?;
+            fs::create_dir_all(&s).map_err(|e| {
+                format!(
+                    "cannot create {}: {e}{}",
+                    s.display(),
+                    crate::read_only_hint(&e)
+                )
+            })?;
             let meta = fs::metadata(&r).map_err(|e| format!("{}: {e}", r.display()))?;
             if !meta.is_dir() {
                 return Err(format!("{} is not a directory", r.display()));

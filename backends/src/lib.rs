@@ -33,7 +33,7 @@
 //! | `s3://bucket[/prefix]?region=&endpoint=&profile=&scheme=` | `s3` | `s3` (+ `s3-aws-config` for the AWS credential chain) |
 //! | `http://host/path`, `https://...` (a server that accepts PUT) | `http` | `http` |
 //! | `sftp://[user@]host[:port]/path?identity=&known-hosts=&insecure-accept-any-host-key=` | `sftp` | `sftp` |
-//! | `gs://bucket[/prefix]?credentials=&anonymous=&endpoint=` | `gcs` | `gcs` |
+//! | `gs://bucket[/prefix]?credentials=&anonymous=&metadata-server=&endpoint=` | `gcs` | `gcs` |
 //!
 //! All are on by default. Each refuses parameters it does not know, naming them.
 
@@ -195,7 +195,8 @@ impl BackendError {
         }
     }
 
-    /// Classify an I/O error from a local or remote file system.
+    /// Classify an I/O error from a local or remote file system. A read-only file system
+    /// says where that usually comes from: a service's sandbox.
     pub fn io(op: &'static str, key: &str, e: io::Error) -> Self {
         use io::ErrorKind as K;
         let kind = match e.kind() {
@@ -215,7 +216,7 @@ impl BackendError {
             kind,
             op,
             key: key.to_owned(),
-            message: e.to_string(),
+            message: format!("{e}{}", read_only_hint(&e)),
             source: None,
         }
     }
@@ -232,6 +233,18 @@ impl BackendError {
 
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
+    }
+}
+
+/// What to add to an I/O error's text when it is a read-only file system: most often a
+/// service's sandbox, which names the directories it may write.
+pub(crate) fn read_only_hint(e: &io::Error) -> &'static str {
+    if e.kind() == io::ErrorKind::ReadOnlyFilesystem {
+        "; the directory is on a read-only mount: under systemd's ProtectSystem=strict, add it \
+         to the unit's ReadWritePaths= in a drop-in, as nixpush's \
+         systemd/nixpush.service.d/local-cache.conf does"
+    } else {
+        ""
     }
 }
 
@@ -589,7 +602,10 @@ pub(crate) fn assemble_page(
 }
 
 /// A transport failure of an HTTP request (HTTP and GCS backends): anything that did not get as
-/// far as a status code. The message holds the whole chain of causes.
+/// far as a status code. The message names the server and the deepest cause, once
+/// (`cannot connect to http://127.0.0.1:9: Connection refused (os error 111)`): reqwest's and
+/// hyper's own layers (`error sending request for url (...)`, `client error (Connect)`, `tcp
+/// connect error`) say nothing more.
 #[cfg(any(feature = "http", feature = "gcs"))]
 pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -> BackendError {
     let kind = if e.is_builder() {
@@ -599,14 +615,45 @@ pub(crate) fn transport_error(op: &'static str, key: &str, e: &reqwest::Error) -
     } else {
         ErrorKind::Other
     };
-    let mut message = e.to_string();
+    let mut root = None;
     let mut cur = std::error::Error::source(e);
     while let Some(c) = cur {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
+        let t = c.to_string();
+        if !t.trim().is_empty() {
+            root = Some(t);
+        }
         cur = c.source();
     }
+    let server = e
+        .url()
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null");
+    let message = match (server, root) {
+        (Some(s), Some(r)) if e.is_connect() => format!("cannot connect to {s}: {r}"),
+        (Some(s), Some(r)) if e.is_timeout() => format!("no answer from {s} in time: {r}"),
+        (Some(s), None) if e.is_timeout() => format!("no answer from {s} in time"),
+        (Some(s), Some(r)) => format!("the connection to {s} failed: {r}"),
+        (_, Some(r)) => r,
+        (_, None) => e.without_url_text(),
+    };
     BackendError::new(kind, op, key, message)
+}
+
+/// reqwest's message without the URL it appends (`for url (...)`).
+#[cfg(any(feature = "http", feature = "gcs"))]
+trait WithoutUrl {
+    fn without_url_text(&self) -> String;
+}
+
+#[cfg(any(feature = "http", feature = "gcs"))]
+impl WithoutUrl for reqwest::Error {
+    fn without_url_text(&self) -> String {
+        let t = self.to_string();
+        match t.split_once(" for url (") {
+            Some((head, _)) => head.to_owned(),
+            None => t,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -757,7 +757,11 @@ async fn gcs_storage_refusal_is_permission() {
         ErrorKind::Permission,
         "put",
     );
-    assert!(msg.contains("storage.objects.create"), "{msg}");
+    assert_eq!(
+        msg,
+        "put \"k\": 403 Forbidden: pusher does not have storage.objects.create access; \
+         anonymous requests may not use bucket \"bucket\": give credentials=FILE"
+    );
     expect_kind(
         b.put(
             "k",

@@ -44,7 +44,7 @@ pub struct PushArgs {
     /// `http(s)://host/path`, a server that accepts PUT (`?token-file=` or
     /// `?basic-auth-file=`); `sftp://[user@]host[:port]/path`, a directory over SSH
     /// (`?identity=&known-hosts=`; host keys checked); `gs://bucket[/prefix]`, Google Cloud
-    /// Storage (`?credentials=`). Nix's store parameters `compression`, `secret-key` and
+    /// Storage (`?credentials=`, or `?metadata-server=true` on GCE and GKE). Nix's store parameters `compression`, `secret-key` and
     /// `parallel-compression` are understood in any address.
     #[arg(long, env = "NIXPUSH_TO", value_name = "CACHE")]
     to: String,
@@ -317,8 +317,9 @@ pub async fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         format!("nothing to push: {} already has {what}", backend.describe())
     } else {
         format!(
-            "pushed {} paths to {} ({} NAR, {} {compression}) in {secs:.1}s, {}/s; {} already there",
+            "pushed {} {} to {} ({} NAR, {} {compression}) in {secs:.1}s, {}/s; {} already there",
             s.published,
+            if s.published == 1 { "path" } else { "paths" },
             backend.describe(),
             HumanBytes(s.nar_bytes),
             HumanBytes(s.file_bytes),

@@ -142,7 +142,7 @@ fn human(report: &StatusReport) -> String {
     );
     let _ = writeln!(
         out,
-        "published:   {}   left out: {}   failed: {}   rejected entries: {}{}",
+        "published:   {}   left out: {}   failed: {}   rejected since start: {}{}",
         report.published,
         report.excluded,
         report.failed,
@@ -153,6 +153,35 @@ fn human(report: &StatusReport) -> String {
             ""
         }
     );
+    if report.rejected_entries > 0 {
+        let _ = writeln!(
+            out,
+            "rejected:    {} in the queue's rejected/ (`nixpush queue list` shows {}, \
+             `nixpush queue retry NAME` puts one back){}",
+            count(report.rejected_entries as u64, "entry", "entries"),
+            if report.rejected_entries == 1 {
+                "it"
+            } else {
+                "all"
+            },
+            if report.newest_rejected.is_empty() {
+                ""
+            } else if report.rejected_entries > report.newest_rejected.len() {
+                "; the newest:"
+            } else {
+                ":"
+            }
+        );
+        for r in &report.newest_rejected {
+            let when =
+                r.at.map(|t| format!("  rejected {}", utc(t)))
+                    .unwrap_or_default();
+            let _ = writeln!(out, "  {}{when}", r.entry);
+            for line in r.reason.lines() {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
+    }
     if !report.last_errors.is_empty() {
         let _ = writeln!(out, "last errors:");
         for e in &report.last_errors {
@@ -165,6 +194,57 @@ fn human(report: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rejected_entries_are_listed_newest_first_with_their_reasons() {
+        use nixpush::daemon::protocol::RejectedRecord;
+        let mut report = StatusReport {
+            cache: "file:///srv/cache".into(),
+            ..StatusReport::default()
+        };
+        assert!(!human(&report).contains("rejected:"), "{}", human(&report));
+        report.rejected_entries = 5;
+        report.newest_rejected = vec![
+            RejectedRecord {
+                entry: "0179-1-0".into(),
+                at: Some(1796156425),
+                reason: "/etc/passwd is not in the Nix store\nsecond line".into(),
+            },
+            RejectedRecord {
+                entry: "by-hand".into(),
+                at: None,
+                reason: "the entry is a symlink".into(),
+            },
+        ];
+        let text = human(&report);
+        let tail: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("rejected:"))
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "rejected:    5 entries in the queue's rejected/ (`nixpush queue list` shows all, \
+                 `nixpush queue retry NAME` puts one back); the newest:",
+                "  0179-1-0  rejected 2026-12-01 20:20:25 UTC",
+                "    /etc/passwd is not in the Nix store",
+                "    second line",
+                "  by-hand",
+                "    the entry is a symlink",
+            ],
+            "{text}"
+        );
+        report.rejected_entries = 1;
+        report.newest_rejected.truncate(1);
+        let text = human(&report);
+        assert!(
+            text.contains(
+                "rejected:    1 entry in the queue's rejected/ (`nixpush queue list` shows it, \
+                 `nixpush queue retry NAME` puts one back):\n  0179-1-0  rejected"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn times_and_plurals_are_for_people() {

@@ -265,6 +265,8 @@ impl Metrics {
             Event::AlreadyPublished { .. } => {
                 self.skipped.get_or_create(&[("reason", "present")]).inc();
             }
+            // Counted when it ends, one way or the other.
+            Event::Started { .. } => {}
             Event::Failed { error, .. } => {
                 self.failed.inc();
                 if let PathError::Backend(e) = &**error {

@@ -46,7 +46,7 @@ use crate::formats::{StoreDir, StorePath};
 use crate::publish::plan::Root;
 use crate::publish::{Event, EventSink, Failed, PushError, Pusher, Summary, filter};
 use crate::store::Store;
-use protocol::{ErrorRecord, Request, Response, StatusReport};
+use protocol::{ErrorRecord, NEWEST_REJECTED, RejectedRecord, Request, Response, StatusReport};
 use queue::{Entry, Item, Queue, Read};
 
 const LAST_ERRORS: usize = 20;

@@ -46,11 +46,33 @@ pub struct StatusReport {
     #[serde(default)]
     pub excluded: u64,
     pub failed: u64,
+    /// Entries this daemon rejected since it started.
     pub rejected: u64,
     /// Whether the daemon is waiting out a backoff after failures.
     pub retrying: bool,
     /// Most recent first.
     pub last_errors: Vec<ErrorRecord>,
+    /// Entries waiting in the queue directory's `rejected/` for `nixpush queue retry` or
+    /// `drop`: all of them, whenever they were rejected. (Defaults: a daemon older than this
+    /// field sends none.)
+    #[serde(default)]
+    pub rejected_entries: usize,
+    /// The newest of them ([`NEWEST_REJECTED`] at most), most recent first.
+    #[serde(default)]
+    pub newest_rejected: Vec<RejectedRecord>,
+}
+
+/// How many rejected entries `status` shows with their reasons.
+pub const NEWEST_REJECTED: usize = 3;
+
+/// A rejected entry, as `nixpush queue list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedRecord {
+    /// Its name in `rejected/`, for `nixpush queue retry` and `drop`.
+    pub entry: String,
+    /// Seconds since the Unix epoch, when known.
+    pub at: Option<u64>,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -193,6 +193,8 @@ pub enum InvalidEntry {
 pub struct Rejected {
     pub entry: Entry,
     pub reason: String,
+    /// When it was rejected (its `.reason` file's time), where that can be read.
+    pub at: Option<SystemTime>,
 }
 
 /// Why `retry` or `drop_rejected` did nothing. Each message is whole by itself.
@@ -407,16 +409,54 @@ impl Queue {
             if name.as_bytes().ends_with(REASON_SUFFIX.as_bytes()) {
                 continue;
             }
-            let reason = fs::read_to_string(dir.join(with_reason_suffix(&name)))
-                .map(|r| r.trim_end().to_owned())
-                .unwrap_or_else(|e| format!("(no reason file: {e})"));
+            let at = fs::symlink_metadata(dir.join(with_reason_suffix(&name)))
+                .and_then(|m| m.modified())
+                .ok();
             out.push(Rejected {
+                reason: read_reason(&dir, &name),
                 entry: Entry { name },
-                reason,
+                at,
             });
         }
         out.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
         Ok(out)
+    }
+
+    /// How many entries `rejected/` holds, and the newest `n` of them (by when they were
+    /// rejected: the time of their `.reason` file), most recent first, with their reasons.
+    /// Costs one `stat` per entry and one read per entry shown, so `status` stays cheap
+    /// whatever piles up there.
+    pub fn rejected_newest(&self, n: usize) -> io::Result<(usize, Vec<Rejected>)> {
+        let dir = self.dir.join(REJECTED_DIR);
+        let rd = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, Vec::new())),
+            r => r?,
+        };
+        let mut all = Vec::new();
+        for e in rd {
+            let name = e?.file_name();
+            if name.as_bytes().ends_with(REASON_SUFFIX.as_bytes()) {
+                continue;
+            }
+            let at = fs::symlink_metadata(dir.join(with_reason_suffix(&name)))
+                .or_else(|_| fs::symlink_metadata(dir.join(&name)))
+                .and_then(|m| m.modified())
+                .ok();
+            all.push((at, name));
+        }
+        let count = all.len();
+        // Newest first; entries of one moment by name, newest name first.
+        all.sort_by(|a, b| b.cmp(a));
+        let newest = all
+            .into_iter()
+            .take(n)
+            .map(|(at, name)| Rejected {
+                reason: read_reason(&dir, &name),
+                entry: Entry { name },
+                at,
+            })
+            .collect();
+        Ok((count, newest))
     }
 
     /// Put a rejected entry back in the queue (its reason goes), for the daemon to try again:
@@ -498,6 +538,13 @@ fn not_a_file(meta: &fs::Metadata) -> Option<InvalidEntry> {
         "of an unknown kind"
     };
     Some(InvalidEntry::NotAFile(what))
+}
+
+/// The reason beside a rejected entry, or what stopped us reading it.
+fn read_reason(rejected: &Path, name: &OsStr) -> String {
+    fs::read_to_string(rejected.join(with_reason_suffix(name)))
+        .map(|r| r.trim_end().to_owned())
+        .unwrap_or_else(|e| format!("(no reason file: {e})"))
 }
 
 fn with_reason_suffix(name: &OsStr) -> OsString {

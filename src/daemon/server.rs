@@ -424,9 +424,28 @@ pub(super) async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
 
 pub(super) async fn status_report(shared: &Arc<Shared>) -> StatusReport {
     let queue = shared.queue.clone();
-    let depth = tokio::task::spawn_blocking(move || queue.scan().map(|e| e.len()).unwrap_or(0))
-        .await
-        .unwrap_or(0);
+    let (depth, (rejected_entries, newest)) = tokio::task::spawn_blocking(move || {
+        (
+            queue.scan().map(|e| e.len()).unwrap_or(0),
+            queue.rejected_newest(NEWEST_REJECTED).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read the queue's rejected/");
+                (0, Vec::new())
+            }),
+        )
+    })
+    .await
+    .unwrap_or_default();
+    let newest_rejected = newest
+        .into_iter()
+        .map(|r| RejectedRecord {
+            entry: r.entry.to_string(),
+            at: r
+                .at
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            reason: r.reason,
+        })
+        .collect();
     let st = shared.status();
     StatusReport {
         cache: shared.pusher.backend_description(),
@@ -439,5 +458,7 @@ pub(super) async fn status_report(shared: &Arc<Shared>) -> StatusReport {
         rejected: st.rejected,
         retrying: st.retrying,
         last_errors: st.last_errors.iter().cloned().collect(),
+        rejected_entries,
+        newest_rejected,
     }
 }

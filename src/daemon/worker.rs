@@ -490,6 +490,7 @@ pub(super) async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<()
             let mut st = shared.status();
             match e {
                 Event::Planned { to_push, .. } => st.in_flight = *to_push,
+                Event::Started { .. } => {}
                 Event::Published { .. } | Event::AlreadyPublished { .. } => {
                     st.in_flight = st.in_flight.saturating_sub(1);
                     st.published += 1;

@@ -233,7 +233,9 @@ pub async fn repair(
                         });
                     }
                 }
-                publish::Event::Planned { .. } | publish::Event::Failed { .. } => {}
+                publish::Event::Planned { .. }
+                | publish::Event::Started { .. }
+                | publish::Event::Failed { .. } => {}
             })
         };
         let summary = pusher.push(&roots, sink).await?;

@@ -87,6 +87,8 @@ pub enum Event {
         to_push: usize,
         nar_bytes: u64,
     },
+    /// A path's NAR began: it got a compression slot (progress shows the paths in flight).
+    Started { path: StorePath, nar_size: u64 },
     Published {
         path: StorePath,
         nar_size: u64,

@@ -45,6 +45,10 @@ pub(super) async fn publish_one(
         let slot = slot
             .await
             .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
+        (ctx.events)(&Event::Started {
+            path: info.path.clone(),
+            nar_size: info.nar_size,
+        });
         let source = ctx.store.nar_source(&info.path).await?;
         let staging = ctx.backend.staging_dir().map(ToOwned::to_owned);
         let compress = ctx.opts.compress;

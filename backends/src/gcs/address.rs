@@ -2,14 +2,17 @@
 //! credentials. Parsed once, before any request (the credential file is read then too).
 //!
 //! ```text
-//! gs://BUCKET[/PREFIX][?credentials=FILE | ?anonymous=true][&endpoint=URL]
+//! gs://BUCKET[/PREFIX][?credentials=FILE | ?anonymous=true | ?metadata-server=true][&endpoint=URL]
 //! ```
 //! - `PREFIX`: every key lives below it, so one bucket can hold several caches.
 //! - `credentials=FILE`: a service-account key file (JSON, as the Cloud console makes it), or
 //!   an `authorized_user` file as `gcloud auth application-default login` writes.
-//! - neither: application-default credentials from a file only: `$GOOGLE_APPLICATION_CREDENTIALS`,
-//!   else `~/.config/gcloud/application_default_credentials.json`. Nothing else: **the
-//!   metadata server (169.254.169.254) is never asked**; without a file the address is refused.
+//! - neither: application-default credentials: `$GOOGLE_APPLICATION_CREDENTIALS`, else
+//!   `~/.config/gcloud/application_default_credentials.json`, else, **only with
+//!   `metadata-server=true`**, the metadata server (`metadata.google.internal`, or
+//!   `$GCE_METADATA_HOST`): the service account of a Compute Engine VM or of a GKE workload
+//!   (Workload Identity). Without it the metadata server (169.254.169.254) is never asked, and
+//!   without a file the address is refused, saying what to give.
 //! - `anonymous=true`: no credentials at all, no token sent (public buckets, emulators).
 //! - `endpoint=URL`: another server speaking the JSON API, such as fake-gcs-server
 //!   (`endpoint=http://127.0.0.1:4443&anonymous=true`). Default `https://storage.googleapis.com`.
@@ -56,10 +59,10 @@ impl GcsConfig {
         if !prefix.is_empty() && !valid_key(prefix) {
             return Err(format!("{prefix:?} is not a valid prefix").into());
         }
-        let [endpoint, credentials, anonymous] = crate::query_params(
+        let [endpoint, credentials, anonymous, metadata_server] = crate::query_params(
             query,
             "a GCS cache",
-            ["endpoint", "credentials", "anonymous"],
+            ["endpoint", "credentials", "anonymous", "metadata-server"],
             false,
         )?;
         let endpoint = endpoint.unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
@@ -72,16 +75,24 @@ impl GcsConfig {
         }
         let trimmed = endpoint_url.path().trim_end_matches('/').to_owned();
         endpoint_url.set_path(&trimmed);
-        let anonymous = match anonymous.as_deref() {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(v) => return Err(format!("anonymous must be true or false, not {v:?}").into()),
+        let flag = |name: &str, v: Option<String>| match v.as_deref() {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(v) => Err(format!("{name} must be true or false, not {v:?}")),
         };
+        let anonymous = flag("anonymous", anonymous)?;
+        let metadata = flag("metadata-server", metadata_server)?;
         let credentials = match (anonymous, credentials) {
+            _ if anonymous && metadata => {
+                return Err("give anonymous=true or metadata-server=true, not both".into());
+            }
             (true, Some(_)) => return Err("give credentials or anonymous=true, not both".into()),
             (true, None) => GcsCredentials::Anonymous,
+            (false, Some(_)) if metadata => {
+                return Err("give credentials=FILE or metadata-server=true, not both".into());
+            }
             (false, Some(f)) => GcsCredentials::from_file(Path::new(&f))?,
-            (false, None) => GcsCredentials::application_default()?,
+            (false, None) => GcsCredentials::application_default(metadata)?,
         };
         Ok(Self {
             bucket: bucket.to_owned(),
@@ -124,6 +135,18 @@ mod tests {
             ("gs://b?anonymous=true", "bucket name"),
             ("gs://bucket/a/../b?anonymous=true", "prefix"),
             ("gs://bucket?anonymous=yes", "true or false"),
+            (
+                "gs://bucket?metadata-server=yes",
+                "metadata-server must be true or false",
+            ),
+            (
+                "gs://bucket?anonymous=true&metadata-server=true",
+                "anonymous=true or metadata-server=true, not both",
+            ),
+            (
+                "gs://bucket?credentials=/nonexistent/sa.json&metadata-server=true",
+                "credentials=FILE or metadata-server=true, not both",
+            ),
             (
                 "gs://bucket?credentials=/nonexistent/sa.json",
                 "/nonexistent/sa.json",

@@ -2,7 +2,12 @@
 //!
 //! A service account signs a JWT (RS256, with aws-lc-rs) and trades it at the file's
 //! `token_uri` for an access token (scope `devstorage.read_write`); an authorized user trades
-//! its refresh token. Tokens are cached until five minutes before they expire, one refresh at
+//! its refresh token. Only when the address asks for it (`metadata-server=true`), and no
+//! credential file is found, the metadata server of a Compute Engine VM or a GKE pod gives
+//! the token of the service account attached to it:
+//! `GET http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token?scopes=…`
+//! with `Metadata-Flavor: Google` (which it answers with too; `$GCE_METADATA_HOST` names
+//! another host, as Google's own libraries read it). Tokens are cached until five minutes before they expire, one refresh at
 //! a time. A refused credential (`invalid_grant`, 401, 403) is [`ErrorKind::Permission`].
 //! Secrets are read when the backend is opened and never printed; a token is sent only to the
 //! configured endpoint's origin.
@@ -23,6 +28,11 @@ use crate::{BackendError, ConfigError, ErrorKind};
 
 /// Default token endpoint, for credential files that do not name one.
 pub const TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// The metadata server's host where `$GCE_METADATA_HOST` names none.
+pub const METADATA_HOST: &str = "metadata.google.internal";
+/// Where the metadata server gives the default service account's access token.
+const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+
 /// The OAuth scope asked for: read and write objects, nothing else.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
 
@@ -41,6 +51,12 @@ pub enum GcsCredentials {
         private_key_id: Option<String>,
         key: Arc<RsaKeyPair>,
         token_uri: url::Url,
+    },
+    /// The service account of the VM or pod, from its metadata server (asked for only with
+    /// `metadata-server=true`).
+    MetadataServer {
+        /// `http://metadata.google.internal`, or `http://$GCE_METADATA_HOST`.
+        base: url::Url,
     },
     /// A user's refresh token (application-default credentials from `gcloud`).
     AuthorizedUser {
@@ -66,11 +82,46 @@ impl fmt::Debug for GcsCredentials {
             GcsCredentials::AuthorizedUser { file, .. } => {
                 write!(f, "AuthorizedUser(from {}, <redacted>)", file.display())
             }
+            GcsCredentials::MetadataServer { base } => write!(f, "MetadataServer({base})"),
         }
     }
 }
 
 impl GcsCredentials {
+    /// Whose requests these are, for messages; `None` when anonymous.
+    pub(super) fn who(&self) -> Option<String> {
+        match self {
+            GcsCredentials::Anonymous => None,
+            GcsCredentials::ServiceAccount {
+                file, client_email, ..
+            } => Some(format!(
+                "the service account {client_email} (from {})",
+                file.display()
+            )),
+            GcsCredentials::AuthorizedUser { file, .. } => {
+                Some(format!("the user of {}", file.display()))
+            }
+            GcsCredentials::MetadataServer { base } => Some(format!(
+                "the service account the metadata server at {} gives (the VM's, or the GKE \
+                 workload's)",
+                base.as_str().trim_end_matches('/')
+            )),
+        }
+    }
+
+    /// The metadata server: `http://$GCE_METADATA_HOST`, else `http://metadata.google.internal`.
+    pub fn metadata_server() -> Result<Self, ConfigError> {
+        let host = std::env::var("GCE_METADATA_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| METADATA_HOST.to_owned());
+        let base = url::Url::parse(&format!("http://{host}"))
+            .ok()
+            .filter(|u| u.host_str().is_some() && matches!(u.path(), "" | "/"))
+            .ok_or_else(|| format!("GCE_METADATA_HOST={host:?} is not a host name or host:port"))?;
+        Ok(GcsCredentials::MetadataServer { base })
+    }
+
     /// Read a service-account or authorized-user JSON file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let at = |m: String| format!("credentials file {}: {m}", path.display());
@@ -123,8 +174,9 @@ impl GcsCredentials {
         }
     }
 
-    /// Application-default credentials, from a file only (never the metadata server).
-    pub(super) fn application_default() -> Result<Self, ConfigError> {
+    /// Application-default credentials: a file, else the metadata server if `metadata` (the
+    /// address's `metadata-server=true`), else an error saying what to give.
+    pub(super) fn application_default(metadata: bool) -> Result<Self, ConfigError> {
         if let Some(p) =
             std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty())
         {
@@ -137,15 +189,41 @@ impl GcsCredentials {
             .map(|h| h.join(".config/gcloud/application_default_credentials.json"));
         match well_known {
             Some(p) if p.is_file() => Self::from_file(&p),
+            _ if metadata => Self::metadata_server(),
             _ => Err(
                 "no credentials: give credentials=FILE (a service-account key), set \
                       GOOGLE_APPLICATION_CREDENTIALS, run `gcloud auth application-default \
-                      login`, or give anonymous=true (public buckets, emulators); the metadata \
-                      server is never asked"
+                      login`, give metadata-server=true on a Compute Engine VM or in GKE (the \
+                      metadata server is asked only then), or give anonymous=true (public \
+                      buckets, emulators)"
                     .into(),
             ),
         }
     }
+}
+
+/// The access token and its lifetime in a token response (`{"access_token":…,"expires_in":…}`).
+fn token_from(
+    op: &'static str,
+    key: &str,
+    body: &[u8],
+    from: &str,
+) -> Result<(String, Duration), BackendError> {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let token = v
+        .get("access_token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            BackendError::new(
+                ErrorKind::Other,
+                op,
+                key,
+                format!("{from} answered without an access_token"),
+            )
+        })?;
+    let ttl = v.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
+    Ok((token.to_owned(), Duration::from_secs(ttl)))
 }
 
 /// The DER inside a PEM `PRIVATE KEY` block.
@@ -193,7 +271,9 @@ impl GcsBackend {
     ) -> Result<(url::Url, String), BackendError> {
         let mut form = url::form_urlencoded::Serializer::new(String::new());
         let token_uri = match &self.config.credentials {
-            GcsCredentials::Anonymous => unreachable!("anonymous requests need no token"),
+            GcsCredentials::Anonymous | GcsCredentials::MetadataServer { .. } => {
+                unreachable!("no token request to sign: anonymous, or asked with a GET")
+            }
             GcsCredentials::ServiceAccount {
                 client_email,
                 private_key_id,
@@ -257,11 +337,78 @@ impl GcsBackend {
         Ok((token_uri.clone(), form.finish()))
     }
 
+    /// A token from the metadata server: one GET, no secret of ours involved.
+    async fn metadata_token(
+        &self,
+        base: &url::Url,
+        op: &'static str,
+        key: &str,
+    ) -> Result<(String, Duration), BackendError> {
+        let mut u = base.clone();
+        u.set_path(METADATA_TOKEN_PATH);
+        u.query_pairs_mut().append_pair("scopes", SCOPE);
+        let server = base.as_str().trim_end_matches('/');
+        let elsewhere = "is this a Compute Engine VM or a GKE pod (with Workload Identity)? \
+                         Elsewhere give credentials=FILE";
+        let resp = self
+            .client
+            .get(u.clone())
+            .header("Metadata-Flavor", "Google")
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| {
+                let mut e = crate::transport_error(op, key, &e);
+                e.message = format!(
+                    "getting an access token from the metadata server: {}; {elsewhere}",
+                    e.message
+                );
+                e
+            })?;
+        let flavor = resp
+            .headers()
+            .get("Metadata-Flavor")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let status = resp.status();
+        if !status.is_success() {
+            let mut e = response_error(op, key, resp).await;
+            if matches!(status.as_u16(), 401 | 403 | 404) {
+                e.kind = ErrorKind::Permission;
+            }
+            e.message = format!(
+                "the metadata server at {server} gave no access token ({}); is a service \
+                 account attached to this VM, or to this GKE workload?",
+                e.message
+            );
+            return Err(e);
+        }
+        if flavor.as_deref() != Some("Google") {
+            return Err(BackendError::new(
+                ErrorKind::Config,
+                op,
+                key,
+                format!(
+                    "{server} answered without \"Metadata-Flavor: Google\", so it is not a \
+                     metadata server; {elsewhere}"
+                ),
+            ));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| crate::transport_error(op, key, &e))?;
+        token_from(op, key, &body, server)
+    }
+
     async fn fetch_token(
         &self,
         op: &'static str,
         key: &str,
     ) -> Result<(String, Duration), BackendError> {
+        if let GcsCredentials::MetadataServer { base } = &self.config.credentials {
+            return self.metadata_token(base, op, key).await;
+        }
         let (token_uri, body) = self.token_request(op, key)?;
         let resp = self
             .client
@@ -270,7 +417,15 @@ impl GcsBackend {
             .body(body)
             .send()
             .await
-            .map_err(|e| crate::transport_error(op, key, &e))?;
+            .map_err(|e| {
+                let mut e = crate::transport_error(op, key, &e);
+                e.message = format!(
+                    "getting an access token: {}; is {token_uri} right (token_uri of the \
+                     credentials file)?",
+                    e.message
+                );
+                e
+            })?;
         let status = resp.status();
         if !status.is_success() {
             let mut e = response_error(op, key, resp).await;
@@ -278,28 +433,19 @@ impl GcsBackend {
             if matches!(status.as_u16(), 400 | 401 | 403) {
                 e.kind = ErrorKind::Permission;
             }
-            e.message = format!("getting an access token from {token_uri}: {}", e.message);
+            let who = self.config.credentials.who().unwrap_or_default();
+            e.message = format!(
+                "{token_uri} refused the credentials ({}); check {who}: its key may have been \
+                 deleted or disabled",
+                e.message
+            );
             return Err(e);
         }
         let body = resp
             .bytes()
             .await
             .map_err(|e| crate::transport_error(op, key, &e))?;
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let token = v
-            .get("access_token")
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                BackendError::new(
-                    ErrorKind::Other,
-                    op,
-                    key,
-                    format!("{token_uri} answered without an access_token"),
-                )
-            })?;
-        let ttl = v.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
-        Ok((token.to_owned(), Duration::from_secs(ttl)))
+        token_from(op, key, &body, token_uri.as_str())
     }
 
     /// The token goes only to the configured endpoint's origin.

@@ -72,6 +72,9 @@ pub(super) fn bucket_missing(e: &BackendError) -> bool {
 
 pub(super) fn missing_bucket_error(bucket: &str, mut e: BackendError) -> BackendError {
     e.kind = ErrorKind::Config;
-    e.message = format!("bucket {bucket:?} does not exist ({})", e.message);
+    e.message = format!(
+        "no bucket {bucket:?} ({}); create it, or correct the bucket name in the address",
+        e.message
+    );
     e
 }

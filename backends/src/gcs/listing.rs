@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 
-use super::error::{missing_bucket_error, response_error};
+use super::error::missing_bucket_error;
 use super::{GcsBackend, segment};
 use crate::{BackendError, ErrorKind, ListPage, under_prefix};
 
@@ -29,7 +29,7 @@ impl GcsBackend {
         );
         let resp = self.send("list", op_key, self.client.get(url)).await?;
         if !resp.status().is_success() {
-            let e = response_error("list", op_key, resp).await;
+            let e = self.storage_error("list", op_key, resp).await;
             return Err(if e.kind == ErrorKind::NotFound {
                 missing_bucket_error(&self.config.bucket, e)
             } else {

@@ -2,7 +2,7 @@
 //! API (`https://storage.googleapis.com/storage/v1`) over reqwest.
 //!
 //! ```text
-//! gs://BUCKET[/PREFIX][?credentials=FILE | ?anonymous=true][&endpoint=URL]
+//! gs://BUCKET[/PREFIX][?credentials=FILE | ?anonymous=true | ?metadata-server=true][&endpoint=URL]
 //! ```
 //!
 //! # Why a hand-written client
@@ -171,13 +171,44 @@ impl GcsBackend {
         let resp = req
             .send()
             .await
-            .map_err(|e| crate::transport_error(op, key, &e))?;
+            .map_err(|e| self.unreachable(crate::transport_error(op, key, &e)))?;
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .map(|v| v.as_bytes());
         permit.answered(Answer::from_status(resp.status().as_u16(), retry_after));
         Ok(resp)
+    }
+
+    /// A request that got no answer, with what to check.
+    fn unreachable(&self, mut e: BackendError) -> BackendError {
+        let hint = if self.config.endpoint.as_str().trim_end_matches('/') == DEFAULT_ENDPOINT {
+            "is the network up?"
+        } else {
+            "is the server up, and is the address's endpoint= right?"
+        };
+        e.message = format!("{}; {hint}", e.message);
+        e
+    }
+
+    /// An error response to a storage request: refusals say whose credentials to check.
+    async fn storage_error(&self, op: &'static str, key: &str, resp: Response) -> BackendError {
+        let mut e = response_error(op, key, resp).await;
+        if e.kind == ErrorKind::Permission {
+            let bucket = &self.config.bucket;
+            e.message = match self.config.credentials.who() {
+                None => format!(
+                    "{}; anonymous requests may not use bucket {bucket:?}: give credentials=FILE",
+                    e.message
+                ),
+                Some(who) => format!(
+                    "{}; check that {who} may use bucket {bucket:?} (a role such as \
+                     roles/storage.objectUser on it)",
+                    e.message
+                ),
+            };
+        }
+        e
     }
 }
 
@@ -197,7 +228,7 @@ impl Backend for GcsBackend {
         if resp.status().is_success() {
             return Ok(true);
         }
-        let e = response_error("exists", key, resp).await;
+        let e = self.storage_error("exists", key, resp).await;
         if bucket_missing(&e) {
             Err(missing_bucket_error(&self.config.bucket, e))
         } else if e.kind == ErrorKind::NotFound {
@@ -212,7 +243,7 @@ impl Backend for GcsBackend {
         let req = self.client.get(self.object_url(&name, &[("alt", "media")]));
         let resp = self.send("get", key, req).await?;
         if !resp.status().is_success() {
-            let e = response_error("get", key, resp).await;
+            let e = self.storage_error("get", key, resp).await;
             return Err(if bucket_missing(&e) {
                 missing_bucket_error(&self.config.bucket, e)
             } else {
@@ -241,7 +272,7 @@ impl Backend for GcsBackend {
         if resp.status().is_success() {
             return Ok(());
         }
-        let e = response_error("delete", key, resp).await;
+        let e = self.storage_error("delete", key, resp).await;
         if bucket_missing(&e) {
             Err(missing_bucket_error(&self.config.bucket, e))
         } else if e.kind == ErrorKind::NotFound {

@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::GcsBackend;
-use super::error::{missing_bucket_error, response_error};
+use super::error::missing_bucket_error;
 use crate::{BackendError, Body, ErrorKind, PutMode, PutOptions};
 
 /// Staged files larger than this go up in a resumable upload (in overwrite mode).
@@ -135,7 +135,7 @@ impl GcsBackend {
         if resp.status().is_success() {
             return Ok(());
         }
-        let e = response_error("put", key, resp).await;
+        let e = self.storage_error("put", key, resp).await;
         Err(match e.kind {
             ErrorKind::AlreadyExists => BackendError::new(
                 ErrorKind::AlreadyExists,
@@ -173,7 +173,7 @@ impl GcsBackend {
             .body(meta);
         let resp = self.send("put", key, req).await?;
         if !resp.status().is_success() {
-            let e = response_error("put", key, resp).await;
+            let e = self.storage_error("put", key, resp).await;
             return Err(if e.kind == ErrorKind::NotFound {
                 missing_bucket_error(&self.config.bucket, e)
             } else {
@@ -273,7 +273,7 @@ impl GcsBackend {
                 ));
             }
             if status.as_u16() != 308 {
-                return Err(response_error("put", key, resp).await);
+                return Err(self.storage_error("put", key, resp).await);
             }
             // `Range: bytes=0-N`: what the server kept; none without the header.
             let kept = resp

@@ -71,25 +71,40 @@ impl S3Credentials {
         }
     }
 
+    /// The provider, and where its keys come from, in words for error messages (never the
+    /// keys themselves).
     pub(super) async fn provider(
         &self,
         config: &S3Config,
-    ) -> Result<AwsCredentialProvider, ConfigError> {
+    ) -> Result<(AwsCredentialProvider, KeySource), ConfigError> {
         match self {
             S3Credentials::Static {
                 key_id,
                 secret_key,
                 token,
-            } => Ok(Arc::new(StaticCredentialProvider::new(AwsCredential {
-                key_id: key_id.clone(),
-                secret_key: secret_key.clone(),
-                token: token.clone(),
-            }))),
+            } => Ok((
+                Arc::new(StaticCredentialProvider::new(AwsCredential {
+                    key_id: key_id.clone(),
+                    secret_key: secret_key.clone(),
+                    token: token.clone(),
+                })),
+                KeySource {
+                    key_id: format!("the access key ID given ({key_id:?})"),
+                    secret: "the secret key given".to_owned(),
+                },
+            )),
             S3Credentials::Environment => {
                 if config.profile.is_none() {
                     if let Some(keys) = Self::from_env_vars()? {
                         debug!("S3 credentials: keys from the environment");
-                        return Box::pin(keys.provider(config)).await;
+                        let (p, _) = Box::pin(keys.provider(config)).await?;
+                        return Ok((
+                            p,
+                            KeySource {
+                                key_id: "AWS_ACCESS_KEY_ID".to_owned(),
+                                secret: "AWS_SECRET_ACCESS_KEY".to_owned(),
+                            },
+                        ));
                     }
                 }
                 chain_provider(config).await
@@ -98,13 +113,64 @@ impl S3Credentials {
     }
 }
 
+/// Where the keys came from, for error messages: what to check when one is refused.
+#[derive(Debug, Clone)]
+pub(super) struct KeySource {
+    /// `AWS_ACCESS_KEY_ID`, `aws_access_key_id of profile "p" (FILES)`, ...
+    pub(super) key_id: String,
+    pub(super) secret: String,
+}
+
+/// The profile files aws-config reads, as a person would find them.
+pub(super) fn profile_files() -> String {
+    let file = |var: &str, default: &str| match std::env::var(var) {
+        Ok(v) if !v.is_empty() => format!("{v} (${var})"),
+        _ => default.to_owned(),
+    };
+    format!(
+        "{} and {}",
+        file("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        file("AWS_CONFIG_FILE", "~/.aws/config")
+    )
+}
+
+/// What to do when no keys were found.
+pub(super) fn how_to_give_keys() -> String {
+    format!(
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give the address profile=NAME \
+         (or set AWS_PROFILE) for a profile of {}",
+        profile_files()
+    )
+}
+
 #[cfg(feature = "s3-aws-config")]
-async fn chain_provider(config: &S3Config) -> Result<AwsCredentialProvider, ConfigError> {
-    Ok(Arc::new(chain::AwsConfigProvider::new(config).await))
+async fn chain_provider(
+    config: &S3Config,
+) -> Result<(AwsCredentialProvider, KeySource), ConfigError> {
+    let p = chain::AwsConfigProvider::new(config).await;
+    let source = match &config.profile {
+        Some(name) => KeySource {
+            key_id: format!(
+                "aws_access_key_id of profile {name:?} in {}",
+                profile_files()
+            ),
+            secret: format!(
+                "aws_secret_access_key of profile {name:?} in {}",
+                profile_files()
+            ),
+        },
+        None => KeySource {
+            key_id: format!("the access key ID that {} found", p.what),
+            secret: format!("the secret key that {} found", p.what),
+        },
+    };
+    Ok((Arc::new(p), source))
 }
 
 #[cfg(not(feature = "s3-aws-config"))]
-async fn chain_provider(config: &S3Config) -> Result<AwsCredentialProvider, ConfigError> {
+async fn chain_provider(
+    config: &S3Config,
+) -> Result<(AwsCredentialProvider, KeySource), ConfigError> {
     Err(ConfigError::from(match &config.profile {
         Some(p) => format!(
             "profile={p} needs the AWS credential chain, which this build lacks \
@@ -135,7 +201,9 @@ mod chain {
 
     pub(super) struct AwsConfigProvider {
         inner: SharedCredentialsProvider,
-        what: String,
+        /// Where the keys come from, for messages: `profile "p" of FILES`.
+        pub(super) what: String,
+        profile: Option<String>,
         /// Held while fetching, so that concurrent requests wait for one refresh.
         cache: tokio::sync::Mutex<Option<(Arc<AwsCredential>, Option<SystemTime>)>>,
     }
@@ -158,7 +226,7 @@ mod chain {
                         .build();
                     (
                         SharedCredentialsProvider::new(provider),
-                        format!("profile {p}"),
+                        format!("profile {p:?} of {}", super::profile_files()),
                     )
                 }
                 None => {
@@ -167,17 +235,88 @@ mod chain {
                         .region(aws_config::Region::new(config.region.clone()))
                         .build()
                         .await;
-                    (
-                        SharedCredentialsProvider::new(chain),
-                        "default chain".to_owned(),
-                    )
+                    let what = match std::env::var("AWS_PROFILE") {
+                        Ok(p) if !p.is_empty() => format!(
+                            "the AWS default credential chain, with AWS_PROFILE={p:?} of {}",
+                            super::profile_files()
+                        ),
+                        _ => "the AWS default credential chain".to_owned(),
+                    };
+                    (SharedCredentialsProvider::new(chain), what)
                 }
             };
             Self {
                 inner,
                 what,
+                profile: config.profile.clone(),
                 cache: tokio::sync::Mutex::new(None),
             }
+        }
+
+        /// Why no keys came, once, and what to do.
+        fn unavailable(&self, e: &CredentialsError) -> String {
+            let text = aws_error_text(e);
+            match &self.profile {
+                Some(p) => {
+                    let said = text
+                        .trim_end()
+                        .trim_start_matches("the credential provider was not enabled")
+                        .trim_start_matches(": ");
+                    let files = super::profile_files();
+                    let add = format!(
+                        "a [{p}] section in the credentials file, or [profile {p}] in the \
+                         config file, with aws_access_key_id and aws_secret_access_key"
+                    );
+                    // aws-config: "profile `p` was not defined: ..." (or nothing at all where
+                    // the files are missing).
+                    if said.is_empty() || said.contains("was not defined") {
+                        format!(
+                            "no AWS profile {p:?} in {files}; add {add}, or correct profile= in \
+                             the address"
+                        )
+                    } else {
+                        format!(
+                            "no AWS credentials from profile {p:?} ({said}); {files} should \
+                             have {add}"
+                        )
+                    }
+                }
+                None => {
+                    let tried = tried_providers(&text)
+                        .map(|t| format!(": the AWS default credential chain tried {t}"))
+                        .unwrap_or_else(|| format!(": {}", text.trim_end()));
+                    format!("no AWS credentials{tried}; {}", super::how_to_give_keys())
+                }
+            }
+        }
+    }
+
+    /// The providers the default chain names in its "Attempted:" list, each with why it gave
+    /// nothing where that says more than "not enabled": `Environment, Profile, ... and
+    /// Ec2InstanceMetadata (IMDS disabled by AWS_EC2_METADATA_DISABLED ...)`.
+    fn tried_providers(text: &str) -> Option<String> {
+        let list = text.split_once("Attempted:")?.1;
+        let names: Vec<String> = list
+            .lines()
+            .filter_map(|l| {
+                let (name, why) = l.trim().split_once(": ")?;
+                let why = why
+                    .trim_start_matches("the credential provider was not enabled")
+                    .trim_start_matches(": ")
+                    .trim();
+                let boring =
+                    why.is_empty() || why.contains("not set") || why.contains("not configured");
+                Some(if boring {
+                    name.to_owned()
+                } else {
+                    format!("{name} ({why})")
+                })
+            })
+            .collect();
+        match names.as_slice() {
+            [] => None,
+            [one] => Some(one.clone()),
+            [rest @ .., last] => Some(format!("{} and {last}", rest.join(", "))),
         }
     }
 
@@ -205,11 +344,7 @@ mod chain {
                     store: "S3",
                     source: Box::new(CredentialsUnavailable {
                         kind,
-                        message: format!(
-                            "no AWS credentials from the {}: {}",
-                            self.what,
-                            aws_error_text(&e)
-                        ),
+                        message: self.unavailable(&e),
                     }),
                 }
             })?;
@@ -228,11 +363,38 @@ mod chain {
         let mut s = e.to_string();
         let mut cur = e.source();
         while let Some(c) = cur {
-            s.push_str(": ");
-            s.push_str(&c.to_string());
+            let t = c.to_string();
+            if !s.contains(&t) {
+                s.push_str(": ");
+                s.push_str(&t);
+            }
             cur = c.source();
         }
         s
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_chain_s_attempts_are_named_once() {
+            let text = "the credential provider was not enabled: no credentials found in \
+                chain. Attempted:\n  Environment: the credential provider was not enabled: \
+                environment variable not set\n  Profile: the credential provider was not \
+                enabled\n  WebIdentityToken: the credential provider was not enabled: \
+                $AWS_WEB_IDENTITY_TOKEN_FILE was not set\n  EcsContainer: the credential \
+                provider was not enabled: ECS provider not configured\n  Ec2InstanceMetadata: \
+                the credential provider was not enabled: IMDS disabled by \
+                AWS_EC2_METADATA_DISABLED env var set to `true`\n";
+            assert_eq!(
+                super::tried_providers(text).as_deref(),
+                Some(
+                    "Environment, Profile, WebIdentityToken, EcsContainer and \
+                     Ec2InstanceMetadata (IMDS disabled by AWS_EC2_METADATA_DISABLED env var set \
+                     to `true`)"
+                )
+            );
+            assert_eq!(super::tried_providers("something else"), None);
+        }
     }
 }
 

@@ -37,7 +37,7 @@ impl S3Backend {
         while let Some(meta) = stream
             .try_next()
             .await
-            .map_err(|e| map_err("list", prefix, e))?
+            .map_err(|e| map_err(&self.errors, "list", prefix, e))?
         {
             if let Some(k) = self.strip(meta.location.as_ref()) {
                 if k.starts_with(prefix) {
@@ -75,7 +75,7 @@ impl S3Backend {
                     start_after,
                     format!("unusable listing: {}", error_text(&e)),
                 ),
-                e => map_err("list", start_after, e),
+                e => map_err(&self.errors, "list", start_after, e),
             })?;
         let objects = page
             .result

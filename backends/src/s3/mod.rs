@@ -53,7 +53,7 @@ pub use upload::{
 
 use crate::throttle::{DEFAULT_MAX_IN_FLIGHT, Limiter};
 use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutOptions};
-use error::map_err;
+use error::{ErrorContext, map_err};
 
 /// Attempts of one request after the first, at most.
 pub const MAX_RETRIES: usize = 4;
@@ -63,6 +63,8 @@ pub const RETRY_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct S3Backend {
     store: Arc<AmazonS3>,
     config: S3Config,
+    /// What error messages say of where the bucket is and where the keys came from.
+    errors: Arc<ErrorContext>,
     /// [`MEMORY_BUDGET`] in MiB permits.
     memory: Arc<tokio::sync::Semaphore>,
     /// `max-keys` of a [`Backend::list_page`] request; `None`: the store's default (1000 on S3).
@@ -90,7 +92,7 @@ impl S3Backend {
 
     /// No request is made: a wrong bucket or key shows on the first operation.
     pub async fn new(config: S3Config, credentials: S3Credentials) -> Result<Self, BackendError> {
-        let provider = credentials
+        let (provider, keys) = credentials
             .provider(&config)
             .await
             .map_err(BackendError::from)?;
@@ -127,8 +129,19 @@ impl S3Backend {
             .with_client_options(client)
             .build()
             .map_err(|e| BackendError::config(e.to_string()))?;
+        let errors = Arc::new(ErrorContext {
+            endpoint: config
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", config.region)),
+            custom_endpoint: config.endpoint.is_some(),
+            bucket: config.bucket.clone(),
+            region: config.region.clone(),
+            keys,
+        });
         Ok(Self {
             store: Arc::new(store),
+            errors,
             config,
             memory: Arc::new(tokio::sync::Semaphore::new((MEMORY_BUDGET >> 20) as usize)),
             list_page_size: None,
@@ -183,7 +196,7 @@ impl Backend for S3Backend {
         match self.store.head(&path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(map_err("exists", key, e)),
+            Err(e) => Err(map_err(&self.errors, "exists", key, e)),
         }
     }
 
@@ -194,12 +207,13 @@ impl Backend for S3Backend {
             .store
             .get(&path)
             .await
-            .map_err(|e| map_err("get", key, e))?;
+            .map_err(|e| map_err(&self.errors, "get", key, e))?;
         let key = key.to_owned();
+        let errors = self.errors.clone();
         Ok(Box::pin(
             result
                 .into_stream()
-                .map_err(move |e| map_err("get", &key, e)),
+                .map_err(move |e| map_err(&errors, "get", &key, e)),
         ))
     }
 
@@ -219,7 +233,7 @@ impl Backend for S3Backend {
         match self.store.delete(&path).await {
             Ok(()) => Ok(()),
             Err(e) => {
-                let e = map_err("delete", key, e);
+                let e = map_err(&self.errors, "delete", key, e);
                 if e.kind == ErrorKind::NotFound {
                     Ok(())
                 } else {

@@ -49,7 +49,7 @@ use tokio::io::AsyncReadExt as _;
 use tracing::debug;
 
 use super::S3Backend;
-use super::error::map_err;
+use super::error::{ErrorContext, map_err};
 use crate::{BackendError, Body, ErrorKind, PutMode, PutOptions};
 
 /// Staged files up to this size go up in one PUT (read whole into memory), so they can be
@@ -185,7 +185,7 @@ impl S3Backend {
             .put_opts(path, payload, opts)
             .await
             .map(|_| ())
-            .map_err(|e| map_err("put", key, e))
+            .map_err(|e| map_err(&self.errors, "put", key, e))
     }
 
     async fn put_multipart(
@@ -208,7 +208,7 @@ impl S3Backend {
                 },
             )
             .await
-            .map_err(|e| map_err("put", key, e))?;
+            .map_err(|e| map_err(&self.errors, "put", key, e))?;
         let mut parts = tokio::task::JoinSet::new();
         let result: Result<(), BackendError> = async {
             let mut f = tokio::fs::File::open(file)
@@ -218,7 +218,7 @@ impl S3Backend {
             while remaining > 0 {
                 // Room first, then read: at most PARTS_IN_FLIGHT parts in memory.
                 while parts.len() >= PARTS_IN_FLIGHT {
-                    join_part(&mut parts, key).await?;
+                    join_part(&self.errors, &mut parts, key).await?;
                 }
                 let n = remaining.min(part);
                 let permit = self.reserve(n).await;
@@ -235,13 +235,13 @@ impl S3Backend {
                 });
             }
             while !parts.is_empty() {
-                join_part(&mut parts, key).await?;
+                join_part(&self.errors, &mut parts, key).await?;
             }
             upload
                 .complete()
                 .await
                 .map(|_| ())
-                .map_err(|e| map_err("put", key, e))
+                .map_err(|e| map_err(&self.errors, "put", key, e))
         }
         .await;
         if result.is_err() {
@@ -255,12 +255,13 @@ impl S3Backend {
 }
 
 async fn join_part(
+    errors: &ErrorContext,
     parts: &mut tokio::task::JoinSet<object_store::Result<()>>,
     key: &str,
 ) -> Result<(), BackendError> {
     match parts.join_next().await {
         None => Ok(()),
-        Some(Ok(r)) => r.map_err(|e| map_err("put", key, e)),
+        Some(Ok(r)) => r.map_err(|e| map_err(errors, "put", key, e)),
         Some(Err(join)) => Err(BackendError::new(
             ErrorKind::Other,
             "put",
