@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use nixpush_backends::fs::TMP_PREFIX;
-use nixpush_backends::{Backend, BackendError, ErrorKind};
+use nixpush_backends::{Backend, BackendError, BackendExt as _, ErrorKind};
 
 use crate::formats::cache_info;
 

@@ -41,7 +41,7 @@ pub use auth::{GcsCredentials, SCOPE, TOKEN_URI};
 pub use listing::LIST_PAGE;
 pub use upload::{RESUMABLE_ABOVE, RESUMABLE_CHUNK};
 
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, ObjectInfo, PutOptions};
 use address::valid_key;
 use error::{bucket_missing, missing_bucket_error, response_error};
 
@@ -201,7 +201,7 @@ impl Backend for GcsBackend {
         ))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         self.list_keys(prefix).await
     }
 
