@@ -52,6 +52,7 @@
 //! Repair's cost is in [`repair`].
 
 pub mod deep;
+pub mod gc;
 pub mod inventory;
 pub mod repair;
 pub mod report;

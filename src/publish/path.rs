@@ -19,6 +19,8 @@ pub(super) struct Ctx {
     /// [`batch::STAGED_MIB_MAX`], so that as many small NARs wait as batches take.
     pub(super) batched: Semaphore,
     pub(super) events: EventSink,
+    /// The pass's side of the garbage collection protocol.
+    pub(super) guard: Arc<guard::Guard>,
 }
 
 /// Uploads in flight per compression slot: enough that a slot never waits for a slow upload
@@ -41,7 +43,7 @@ pub(super) async fn publish_one(
     let full = sd.display(&info.path);
 
     // 1. The NAR, under a bounded number of slots.
-    let (nar_key, staged_meta) = {
+    let (nar_key, staged_meta, nar_at) = {
         let slot = slot
             .await
             .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
@@ -95,6 +97,8 @@ pub(super) async fn publish_one(
         }
         .map_err(|e| PathError::Internal(e.to_string()))?;
         drop(slot);
+        ctx.guard.before_nar(&key).await?;
+        let nar_started = std::time::SystemTime::now();
         debug!(key, file_size = staged.file_size, "uploading NAR");
         let put = Put {
             key: key.clone(),
@@ -108,6 +112,7 @@ pub(super) async fn publish_one(
             Some(b) => b.put(put, staged.file_size).await?,
             None => ctx.backend.put(&put.key, put.body, put.opts).await?,
         }
+        let nar_at = (nar_started, std::time::SystemTime::now());
         // The listing goes before the narinfo, so that a reader who finds one finds both.
         if let Some(listing) = staged.listing {
             let put = Put {
@@ -126,7 +131,7 @@ pub(super) async fn publish_one(
                 None => ctx.backend.put(&put.key, put.body, put.opts).await?,
             }
         }
-        (key, meta)
+        (key, meta, nar_at)
     };
 
     // 2. Wait for the references' narinfos.
@@ -165,6 +170,21 @@ pub(super) async fn publish_one(
         ca: info.ca.clone(),
         unknown: Vec::new(),
     };
+    let refs: Vec<String> = info
+        .references
+        .iter()
+        .filter(|r| **r != info.path)
+        .map(|r| r.hash_part().to_owned())
+        .collect();
+    ctx.guard
+        .before_narinfo(
+            info.path.hash_part(),
+            &refs,
+            &narinfo.url,
+            nar_at,
+            &narinfo.store_path,
+        )
+        .await?;
     let mode = if ctx.opts.force {
         PutMode::Overwrite
     } else {
