@@ -19,6 +19,9 @@
 //!    refused (the store is corrupt) and nothing of it becomes visible.
 //! 5. Narinfos are created only if absent: when two builders push the same path, the first one
 //!    wins and the second does not rewrite it. `force` overwrites.
+//! 6. Beside a garbage collection ([`guard`]): each pass reads `nixpush/gc-pending` before it
+//!    looks at what the cache has, announces the present paths it relies on and its roots,
+//!    and holds back a write that touches what a gc may be deleting.
 
 mod batch;
 pub mod guard;
