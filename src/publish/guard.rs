@@ -12,8 +12,9 @@
 //!
 //! # What a push pass does ([`Guard`])
 //! 1. At the start, before looking at what the cache has, one `GET` of `gc-pending`.
-//! 2. Once it knows which present paths it relies on, one `PUT` of an announcement naming them
-//!    and its roots.
+//! 2. One `PUT` of an announcement naming its roots, while it looks at what the cache has (a
+//!    no-op push thus pays for it in parallel); once it knows which present paths it relies
+//!    on, one more naming those that are not roots (none for a no-op push).
 //! 3. While it runs, it reads `gc-pending` again every [`POLL_EVERY`]; when a new gc has
 //!    marked paths it relies on, it announces them again at once.
 //! 4. Before writing a narinfo that touches a pending gc's candidates (the narinfo itself is
@@ -194,6 +195,8 @@ struct State {
     /// Announcements made knowing of a gc: (its id, when the announcement was durable, the
     /// hash parts announced).
     announced: Vec<(String, SystemTime, HashSet<String>)>,
+    /// Gcs the poller has seen (and announced to).
+    polled: HashSet<String>,
 }
 
 /// One push pass's side of the protocol (see the module doc).
@@ -248,27 +251,34 @@ impl Guard {
         self.state.lock().expect("guard state").marked.clone()
     }
 
-    /// Step 2: the pass relies on the present paths `relied` and was asked for `roots` (hash
-    /// parts); announce them.
-    pub async fn announce_pass(
-        &self,
-        relied: HashSet<String>,
-        roots: Vec<String>,
-    ) -> Result<(), BackendError> {
-        let mut all: Vec<String> = relied.iter().cloned().chain(roots).collect();
-        all.sort_unstable();
-        all.dedup();
-        *self.relied.lock().expect("guard relied") = relied.clone();
+    /// Step 2: announce `paths` (hash parts: the roots, at the start of the pass, then the
+    /// present paths the pass relies on that are not roots); returns when it is durable.
+    pub async fn announce(&self, paths: HashSet<String>) -> Result<(), BackendError> {
         let known = self.current();
-        announce(&*self.backend, all).await?;
+        let mut sorted: Vec<String> = paths.iter().cloned().collect();
+        sorted.sort_unstable();
+        announce(&*self.backend, sorted).await?;
         if let Some(m) = known {
             self.state.lock().expect("guard state").announced.push((
                 m.p.id.clone(),
                 SystemTime::now(),
-                relied,
+                paths,
             ));
         }
         Ok(())
+    }
+
+    /// The present paths (hash parts) the pass relies on, for announcing them to a gc that
+    /// marks while the pass runs.
+    pub fn set_relied(&self, relied: HashSet<String>) {
+        *self.relied.lock().expect("guard relied") = relied;
+        // A gc known when the pass announced has been told all of it already.
+        let mut st = self.state.lock().expect("guard state");
+        if let Some(m) = st.marked.clone() {
+            if st.announced.iter().any(|(id, _, _)| *id == m.p.id) {
+                st.polled.insert(m.p.id.clone());
+            }
+        }
     }
 
     /// Step 3: read `gc-pending` every [`POLL_EVERY`] until the returned task is aborted;
@@ -278,14 +288,21 @@ impl Guard {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(POLL_EVERY).await;
-                let before = me.current().map(|m| m.p.id.clone());
                 match me.refresh().await {
-                    Ok(Some(m)) if before.as_deref() != Some(&m.p.id) => {
-                        if let Err(e) = me.announce_marked(&m).await {
-                            debug!(error = %e, "announcing to a new gc failed");
+                    Ok(Some(m)) => {
+                        let new = me
+                            .state
+                            .lock()
+                            .expect("guard state")
+                            .polled
+                            .insert(m.p.id.clone());
+                        if new {
+                            if let Err(e) = me.announce_marked(&m).await {
+                                debug!(error = %e, "announcing to a new gc failed");
+                            }
                         }
                     }
-                    Ok(_) => {}
+                    Ok(None) => {}
                     Err(e) => debug!(error = %e, "reading the gc's pending object failed"),
                 }
             }

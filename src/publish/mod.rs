@@ -310,18 +310,26 @@ impl Pusher {
         let guard = guard::Guard::start(self.backend.clone())
             .await
             .map_err(|e| self.backend_err(e))?;
-        let (closure, present) = if self.opts.force {
-            (store::closure(&*self.store, roots).await?, HashSet::new())
-        } else {
-            self.missing_closure(roots).await?
+        let root_hashes: HashSet<String> = roots.iter().map(|p| p.hash_part().to_owned()).collect();
+        let walk = async {
+            if self.opts.force {
+                Ok((store::closure(&*self.store, roots).await?, HashSet::new()))
+            } else {
+                self.missing_closure(roots).await
+            }
         };
-        guard
-            .announce_pass(
-                present.iter().map(|p| p.hash_part().to_owned()).collect(),
-                roots.iter().map(|p| p.hash_part().to_owned()).collect(),
-            )
-            .await
-            .map_err(|e| self.backend_err(e))?;
+        let (walked, announced) = tokio::join!(walk, guard.announce(root_hashes.clone()));
+        announced.map_err(|e| self.backend_err(e))?;
+        let (closure, present) = walked?;
+        let relied: HashSet<String> = present.iter().map(|p| p.hash_part().to_owned()).collect();
+        let beyond_roots: HashSet<String> = relied.difference(&root_hashes).cloned().collect();
+        if !beyond_roots.is_empty() {
+            guard
+                .announce(beyond_roots)
+                .await
+                .map_err(|e| self.backend_err(e))?;
+        }
+        guard.set_relied(relied);
         let poller = AbortOnDrop(guard.poll());
         let present = present.len();
         let mut summary = Summary {
