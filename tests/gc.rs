@@ -548,3 +548,96 @@ fn gc_beside_three_pushers_never_leaves_a_broken_narinfo() {
         .arg(keys.public_key()));
     assert!(verify.status.success(), "{}", verify.report());
 }
+
+/// Set or clear the file's immutable attribute (`chattr +i`: not even root can remove it
+/// then); `false` where this file system or user cannot.
+fn set_immutable(file: &Path, on: bool) -> bool {
+    use rustix::fs::{IFlags, ioctl_getflags, ioctl_setflags};
+    let f = fs::File::open(file).unwrap();
+    let Ok(flags) = ioctl_getflags(&f) else {
+        return false;
+    };
+    let flags = if on {
+        flags | IFlags::IMMUTABLE
+    } else {
+        flags - IFlags::IMMUTABLE
+    };
+    ioctl_setflags(&f, flags).is_ok()
+}
+
+/// Clears the immutable attribute when dropped, however the test ends.
+struct Immutable<'a>(&'a Path);
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        assert!(
+            set_immutable(self.0, false),
+            "cannot clear {}",
+            self.0.display()
+        );
+    }
+}
+
+/// A narinfo that cannot be deleted is retried, reported by name, and stays with everything it
+/// refers to and its NAR: the cache stays whole, and the next gc finishes the job.
+#[test]
+fn a_failed_delete_leaves_the_cache_whole() {
+    let old_chain = chain("gc-fail");
+    let tmp = tempdir();
+    let keys = nixpush_keygen(tmp.path(), "gc-fail.example.org-1");
+    let cache = tmp.path().join("cache");
+    let c = cache.to_str().unwrap();
+    push(c, &keys, &old_chain[2]);
+    age_all(&cache, Duration::from_secs(2 * 86_400));
+    let top = cache.join(narinfo_key(&old_chain[2]));
+    if !set_immutable(&top, true) {
+        eprintln!(
+            "a_failed_delete_leaves_the_cache_whole: SKIPPED: cannot make a file immutable here \
+             (needs root and ext4, xfs or btrfs)"
+        );
+        return;
+    }
+    let guard = Immutable(&top);
+    let before: BTreeSet<String> = dir_names(&cache.join("nar"), |_| true)
+        .into_iter()
+        .collect();
+
+    let out = run_fail(&mut gc_cmd(nixpush(), c, &["--keep-since", "1d"]));
+    assert_eq!(out.status.code(), Some(1), "{}", out.report());
+    assert!(
+        out.stdout.contains(&format!(
+            "error: cannot delete {}: Operation not permitted (os error 1); it stays, and so \
+             does everything it needs; run gc again\n",
+            narinfo_key(&old_chain[2]),
+        )),
+        "{}",
+        out.report()
+    );
+    assert!(
+        out.stdout.contains(": deleted 0 narinfos, 0 NARs and "),
+        "{}",
+        out.report()
+    );
+    for p in &old_chain {
+        assert!(cache.join(narinfo_key(p)).exists(), "{p} went");
+    }
+    let after: BTreeSet<String> = dir_names(&cache.join("nar"), |_| true)
+        .into_iter()
+        .collect();
+    assert_eq!(after, before, "NARs went although their narinfos stayed");
+    let verify = run(nixpush()
+        .arg("verify")
+        .arg(c)
+        .arg("--trusted-key")
+        .arg(keys.public_key()));
+    assert!(verify.status.success(), "{}", verify.report());
+
+    drop(guard);
+    let out = run_ok(&mut gc_cmd(nixpush(), c, &["--keep-since", "1d"]));
+    assert!(
+        out.stdout.contains(": deleted 3 narinfos, 3 NARs and "),
+        "{}",
+        out.report()
+    );
+    assert_eq!(narinfo_files(&cache), Vec::<String>::new());
+}

@@ -837,13 +837,14 @@ impl Sweep<'_> {
                             done.push(key);
                         }
                         Err(e) if attempt + 1 == DELETE_ATTEMPTS => {
+                            // The key is named beside it: the store's words only.
                             (self.events)(&Event::Failed {
                                 key: key.clone(),
-                                error: e.to_string(),
+                                error: e.message.clone(),
                             });
                             self.report.failed.push(FailedDelete {
                                 key,
-                                error: e.to_string(),
+                                error: e.message,
                             });
                         }
                         Err(_) => again.push(key),
