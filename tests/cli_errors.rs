@@ -1010,6 +1010,13 @@ fn gc_refuses_what_it_cannot_do_safely() {
          pushers' 1s polling and three times the skew)",
         "3m 2s",
     );
+    let out = run_fail(nixpush().args(["gc", c, "--keep-since", "1d", "--sweep-bound", "1m"]));
+    error_line_is(
+        &out,
+        "--sweep-bound 1m is too short for --max-skew 1m: deleting stops a skew before the \
+         bound, so it must be at least 2m",
+        "at least 2m",
+    );
     let out = run_fail(nixpush().args(["gc", "http://127.0.0.1:9/cache", "--keep-since", "1d"]));
     error_line_is(
         &out,

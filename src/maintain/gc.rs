@@ -154,6 +154,15 @@ pub enum GcError {
         poll: u64,
     },
     #[error(
+        "--sweep-bound {bound} is too short for --max-skew {skew}: deleting stops a skew before \
+         the bound, so it must be at least {least}"
+    )]
+    SweepTooShort {
+        bound: String,
+        skew: String,
+        least: String,
+    },
+    #[error(
         "cache {cache}: writing {PENDING_KEY} took {took} and left too little of the grace \
          period before the sweep; nothing was deleted: try again with a longer --grace"
     )]
@@ -265,6 +274,13 @@ pub async fn gc(
             skew: humantime::format_duration(opts.skew).to_string(),
             least: humantime::format_duration(least).to_string(),
             poll: POLL_EVERY.as_secs(),
+        });
+    }
+    if opts.sweep_bound < 2 * opts.skew {
+        return Err(GcError::SweepTooShort {
+            bound: humantime::format_duration(opts.sweep_bound).to_string(),
+            skew: humantime::format_duration(opts.skew).to_string(),
+            least: humantime::format_duration(2 * opts.skew).to_string(),
         });
     }
     if !opts.dry_run {
