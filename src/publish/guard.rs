@@ -424,6 +424,142 @@ async fn sleep_until(t: SystemTime) {
 mod tests {
     use super::*;
 
+    /// A cache directory with `pending` as its gc-pending object, and a guard that read it.
+    async fn guarded(pending: &Pending) -> (tempfile::TempDir, Arc<dyn Backend>, Arc<Guard>) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(
+            nixpush_backends::fs::FsBackend::new(dir.path().join("cache"))
+                .await
+                .unwrap(),
+        );
+        let body = serde_json::to_vec(pending).unwrap();
+        let opts = PutOptions {
+            mode: PutMode::Overwrite,
+            content_type: "application/json",
+        };
+        backend
+            .put(PENDING_KEY, Body::Bytes(body.into()), opts)
+            .await
+            .unwrap();
+        let guard = Guard::start(backend.clone()).await.unwrap();
+        (dir, backend, guard)
+    }
+
+    /// A gc that marked `aaa` and `nar/old.nar`, lists again `sweep_in` from now and stops
+    /// deleting `end_in` from now, with a skew of 100 ms.
+    fn pending(sweep_in: Duration, end_in: Duration) -> Pending {
+        let now = SystemTime::now();
+        Pending {
+            id: announcement_key(now),
+            marked_at_ms: ms(now - Duration::from_secs(1)),
+            sweep_at_ms: ms(now + sweep_in),
+            sweep_end_ms: ms(now + end_in),
+            skew_ms: 100,
+            paths: vec!["aaa".into()],
+            nars: vec!["nar/old.nar".into()],
+        }
+    }
+
+    async fn small(backend: &dyn Backend, key: &str) {
+        let opts = PutOptions {
+            mode: PutMode::Overwrite,
+            content_type: "text/plain",
+        };
+        backend
+            .put(key, Body::Bytes(Bytes::from_static(b"x")), opts)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_early_write_goes_ahead_at_once() {
+        let p = pending(Duration::from_secs(30), Duration::from_secs(60));
+        let (_d, _b, g) = guarded(&p).await;
+        let t = std::time::Instant::now();
+        let now = SystemTime::now();
+        g.before_narinfo("zzz", &["aaa".into()], "nar/old.nar", (now, now), "p")
+            .await
+            .unwrap();
+        g.before_nar("nar/old.nar").await.unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_write_on_a_candidate_waits_for_the_sweep_then_checks_it_is_there() {
+        // Late already (the gc lists again in 100 ms), sweeping for a second more.
+        let p = pending(Duration::from_millis(100), Duration::from_millis(1200));
+        let (_d, _b, g) = guarded(&p).await;
+        let t = std::time::Instant::now();
+        let now = SystemTime::now();
+        let e = g
+            .before_narinfo(
+                "zzz",
+                &["aaa".into()],
+                "nar/new.nar",
+                (now, now),
+                "/s/zzz-p",
+            )
+            .await
+            .expect_err("aaa is gone after the sweep");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            e.to_string(),
+            "aaa.narinfo was removed by a garbage collection of the cache (`nixpush gc`) while \
+             this push ran, so /s/zzz-p was not published; pushing again publishes it"
+        );
+        // Where it survived the sweep, the write goes ahead after it.
+        let p = pending(Duration::from_millis(100), Duration::from_millis(1200));
+        let (_d2, b2, g2) = guarded(&p).await;
+        small(&*b2, "aaa.narinfo").await;
+        small(&*b2, "nar/new.nar").await;
+        let t = std::time::Instant::now();
+        g2.before_narinfo("zzz", &["aaa".into()], "nar/new.nar", (now, now), "p")
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        // A candidate NAR is not uploaded late in the window either.
+        let p = pending(Duration::from_millis(100), Duration::from_millis(800));
+        let (_d3, _b3, g3) = guarded(&p).await;
+        let t = std::time::Instant::now();
+        g3.before_nar("nar/old.nar").await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(700),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_announced_reference_lets_a_late_write_through() {
+        // The gc lists again in 600 ms (safe until 400 ms from now) and sweeps for 30 s.
+        let p = pending(Duration::from_millis(600), Duration::from_secs(30));
+        let (_d, _b, g) = guarded(&p).await;
+        g.announce(HashSet::from(["aaa".to_owned()])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let t = std::time::Instant::now();
+        let now = SystemTime::now();
+        g.before_narinfo("zzz", &["aaa".into()], "nar/new.nar", (now, now), "p")
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
     #[test]
     fn announcement_keys_sort_by_time_and_differ() {
         let t = from_ms(1_700_000_000_123);
