@@ -961,7 +961,7 @@ fn an_interrupted_push_leaves_no_temporary_files() {
     assert_eq!(narinfo_files(&cache), Vec::<String>::new(), "{stderr}");
 }
 
-const COMMANDS: [&str; 12] = [
+const COMMANDS: [&str; 13] = [
     "push",
     "keygen",
     "daemon",
@@ -969,6 +969,7 @@ const COMMANDS: [&str; 12] = [
     "hook",
     "status",
     "verify",
+    "gc",
     "queue",
     "doctor",
     "help",
@@ -1094,4 +1095,72 @@ fn completions_and_man_pages_name_the_commands() {
     assert!(push.contains(".TH nixpush-push 1"), "{push}");
     assert!(push.contains("sftp://"), "{push}");
     assert!(push.contains("Examples:"), "{push}");
+}
+
+/// `nixpush gc` refuses, in words, what it cannot do safely: no roots at all, a grace period
+/// too short for the clock skew, a web server (no listing), a directory that is no cache.
+#[test]
+fn gc_refuses_what_it_cannot_do_safely() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    fs::create_dir(&cache).unwrap();
+    fs::write(cache.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let c = cache.to_str().unwrap();
+    let out = run_fail(nixpush().args(["gc", c]));
+    error_line_is(
+        &out,
+        "gc needs to know what to keep: give --keep PATH, --keep-file FILE or --keep-since \
+         DURATION (e.g. --keep-since 30d); without any, everything older than the grace period \
+         would go",
+        "--keep-since DURATION",
+    );
+    let out = run_fail(nixpush().args(["gc", c, "--keep-since", "1d", "--grace", "3s"]));
+    error_line_is(
+        &out,
+        "--grace 3s is too short for --max-skew 1m: it must be at least 3m 2s (twice the \
+         pushers' 1s polling and three times the skew)",
+        "3m 2s",
+    );
+    let out = run_fail(nixpush().args(["gc", c, "--keep-since", "1d", "--sweep-bound", "1m"]));
+    error_line_is(
+        &out,
+        "--sweep-bound 1m is too short for --max-skew 1m: deleting stops a skew before the \
+         bound, so it must be at least 2m",
+        "at least 2m",
+    );
+    let out = run_fail(nixpush().args(["gc", "http://127.0.0.1:9/cache", "--keep-since", "1d"]));
+    error_line_is(
+        &out,
+        "cannot collect http://127.0.0.1:9/cache: gc lists the whole cache, and a web server \
+         cannot list; run gc on the directory or bucket it serves instead",
+        "cannot list",
+    );
+    let missing = dir.path().join("nope");
+    let out = run_fail(nixpush().args(["gc", missing.to_str().unwrap(), "--keep-since", "1d"]));
+    error_line_is(
+        &out,
+        &format!(
+            "no cache at {}: the directory does not exist",
+            missing.display()
+        ),
+        "does not exist",
+    );
+    let out = run_fail(nixpush().args(["gc", c, "--keep", "/tmp/not-a-store-path"]));
+    error_line_is(
+        &out,
+        "--keep \"/tmp/not-a-store-path\" is not a store path below /nix/store (nor a link to \
+         one): No such file or directory (os error 2)",
+        "No such file",
+    );
+    let list = dir.path().join("roots.txt");
+    fs::write(&list, "# roots\n\nnot a path\n").unwrap();
+    let out = run_fail(nixpush().args(["gc", c, "--keep-file", list.to_str().unwrap()]));
+    assert!(
+        out.stderr.starts_with(&format!(
+            "nixpush: error: --keep-file {} line 3: \"not a path\" is not a store path",
+            list.display()
+        )),
+        "{}",
+        out.report()
+    );
 }

@@ -6,9 +6,11 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use common::*;
 
@@ -173,10 +175,28 @@ fn push_and_substitute(compression: &str) {
         "second push did not say \"nothing to push\": {}",
         second.report()
     );
+    // ...but for one announcement of its root under nixpush/announce/ (read by `nixpush gc
+    // --keep-since`), which changes that directory and nothing else.
+    let announcements = |c: &Path| dir_names(&c.join("nixpush/announce"), |_| true).len();
+    let outside_announcements = |m: BTreeMap<PathBuf, (u64, SystemTime, u64)>| {
+        m.into_iter()
+            .filter(|(p, _)| !p.starts_with("nixpush"))
+            .collect::<BTreeMap<_, _>>()
+    };
     assert_eq!(
-        snapshot(&cache),
-        before,
+        outside_announcements(snapshot(&cache)),
+        outside_announcements(before.clone()),
         "the second push changed the cache: {}",
+        second.report()
+    );
+    assert_eq!(
+        announcements(&cache),
+        before
+            .keys()
+            .filter(|p| p.parent() == Some(Path::new("nixpush/announce")))
+            .count()
+            + 1,
+        "the second push did not announce its root: {}",
         second.report()
     );
 

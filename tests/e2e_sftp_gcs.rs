@@ -202,8 +202,14 @@ fn gcs_push_lands_a_cache_nix_can_read() {
         fs::write(&dest, body).unwrap();
     }
     check_cache(&cache, &c.small, name);
-    // Only what belongs in a cache: narinfos, NARs and nix-cache-info.
-    assert_eq!(names.len(), 2 * c.all().len() + 1, "{names:?}");
+    // Only what belongs in a cache: narinfos, NARs and nix-cache-info, and one announcement
+    // a push (read by `nixpush gc --keep-since`).
+    let announcements = names
+        .iter()
+        .filter(|n| n.starts_with(&format!("{prefix}/nixpush/announce/")))
+        .count();
+    assert_eq!(announcements, 2, "{names:?}");
+    assert_eq!(names.len(), 2 * c.all().len() + 1 + 2, "{names:?}");
 
     nix_substitutes(&cache, &keys, &c.small, tmp.path());
 }

@@ -49,7 +49,8 @@ use async_trait::async_trait;
 use futures::{StreamExt as _, stream};
 
 use crate::{
-    Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, Put, PutMode, PutOptions,
+    Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, ObjectInfo, Put, PutMode,
+    PutOptions,
 };
 
 /// Temporary files start with this and end in `.tmp`.
@@ -481,7 +482,7 @@ impl Backend for FsBackend {
         Ok(Box::pin(stream))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         // Walk only below the deepest directory the prefix names.
         let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
         let start = if dir_part.is_empty() {
@@ -515,6 +516,57 @@ impl Backend for FsBackend {
         .map_err(|e| BackendError::io("delete", key, e))
     }
 
+    /// Unlink them all, then flush each directory once (rather than once a key).
+    async fn delete_batch(&self, keys: Vec<String>) -> Vec<Result<(), BackendError>> {
+        let paths: Vec<Result<PathBuf, BackendError>> =
+            keys.iter().map(|k| self.path_of("delete", k)).collect();
+        let n = keys.len();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            let mut out: Vec<Result<(), BackendError>> = paths
+                .into_iter()
+                .zip(&keys)
+                .map(|(path, key)| {
+                    let path = path?;
+                    match fs::remove_file(&path) {
+                        Ok(()) => {
+                            let dir = path.parent().expect("keys have a parent").to_owned();
+                            if !dirs.contains(&dir) {
+                                dirs.push(dir);
+                            }
+                            Ok(())
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(BackendError::io("delete", key, e)),
+                    }
+                })
+                .collect();
+            for dir in dirs {
+                if let Err(e) = sync_dir(&dir) {
+                    let msg = e.to_string();
+                    for (r, key) in out.iter_mut().zip(&keys) {
+                        if r.is_ok() {
+                            *r = Err(BackendError::new(
+                                ErrorKind::Other,
+                                "delete",
+                                key,
+                                format!("flushing {}: {msg}", dir.display()),
+                            ));
+                        }
+                    }
+                    break;
+                }
+            }
+            out
+        })
+        .await;
+        joined.unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| Err(internal_join("delete", &e, "")))
+                .collect()
+        })
+    }
+
     fn staging_dir(&self) -> Option<&Path> {
         Some(&self.staging)
     }
@@ -524,7 +576,7 @@ impl Backend for FsBackend {
     }
 }
 
-fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectInfo>) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -554,7 +606,17 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Res
                 walk(root, &path, prefix, out)?;
             }
         } else if ft.is_file() && key.starts_with(prefix) {
-            out.push(key);
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                // Removed since the directory was read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            out.push(ObjectInfo {
+                key,
+                size: meta.len(),
+                modified: meta.modified()?,
+            });
         }
     }
     Ok(())

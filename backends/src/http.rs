@@ -56,7 +56,10 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, IF_NONE_MATCH, 
 use reqwest::{Method, StatusCode};
 
 use crate::throttle::{Answer, DEFAULT_MAX_IN_FLIGHT, Limiter};
-use crate::{Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, PutMode, PutOptions};
+use crate::{
+    Backend, BackendError, Body, ByteStream, ConfigError, ErrorKind, ObjectInfo, PutMode,
+    PutOptions,
+};
 
 /// The environment variable holding a bearer token when the address names no credential file.
 pub const TOKEN_ENV: &str = "NIXPUSH_TOKEN";
@@ -377,7 +380,7 @@ impl Backend for HttpBackend {
     }
 
     /// Not supported: plain HTTP has no listing ([`ErrorKind::Other`]).
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         Err(BackendError::new(
             ErrorKind::Other,
             "list",

@@ -292,12 +292,33 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The object's bytes; [`ErrorKind::NotFound`] if absent.
     async fn get(&self, key: &str) -> Result<ByteStream, BackendError>;
 
-    /// Keys that start with `prefix`, in no particular order.
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+    /// The objects whose keys start with `prefix`, in no particular order, each with its size
+    /// and when it was last written (by the store's clock: S3's and GCS's listings carry both,
+    /// a local directory and SFTP give the file's mtime). Temporary files of a writer at work
+    /// are not listed. [`BackendExt::list`] gives the keys alone.
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError>;
 
     /// Remove `key`; removing an absent key succeeds. Like a put, durable when it returns, so
     /// that removals made one after another survive a crash in that order.
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
+
+    /// Remove every key of `keys` as [`Backend::delete`] would; the results are in the order
+    /// of `keys`, and each that succeeded is durable when this returns. The removals of one
+    /// batch happen in no particular order, so a caller batches only keys whose removal order
+    /// does not matter (narinfos none of which refers to another; NARs no narinfo names).
+    ///
+    /// The default removes them one by one, [`DELETE_CONCURRENCY`] at once; S3 sends
+    /// DeleteObjects requests of up to 1000 keys.
+    async fn delete_batch(&self, keys: Vec<String>) -> Vec<Result<(), BackendError>> {
+        use futures::StreamExt as _;
+        futures::stream::iter(
+            keys.into_iter()
+                .map(|k| async move { self.delete(&k).await }),
+        )
+        .buffered(DELETE_CONCURRENCY)
+        .collect()
+        .await
+    }
 
     /// One page of the cache's keys in order, in **one request**: up to [`LIST_PAGE_MAX`]
     /// entries that sort strictly after `start_after` (byte order), ascending, and whether the
@@ -375,9 +396,35 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn describe(&self) -> String;
 }
 
+/// Deletes in flight at once in the default [`Backend::delete_batch`].
+pub const DELETE_CONCURRENCY: usize = 32;
+
+/// One object of a listing ([`Backend::list_objects`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Relative to the cache, as every key of this trait.
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// When it was last written, by the store's clock (seconds or finer, as the store keeps
+    /// it).
+    pub modified: std::time::SystemTime,
+}
+
 /// Conveniences on top of [`Backend`].
 #[async_trait::async_trait]
 pub trait BackendExt: Backend {
+    /// Keys that start with `prefix`, in no particular order ([`Backend::list_objects`]
+    /// without sizes and times).
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        Ok(self
+            .list_objects(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
     /// Read a small object whole; refuse one larger than `limit` bytes.
     async fn get_bytes(&self, key: &str, limit: usize) -> Result<Bytes, BackendError> {
         use futures::TryStreamExt as _;

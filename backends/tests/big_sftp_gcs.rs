@@ -15,6 +15,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use nixpush_backends::BackendExt as _;
 use nixpush_backends::gcs::{GcsBackend, GcsConfig};
 
 use support::suite::*;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use nixpush_backends::fs::FsBackend;
 use nixpush_backends::http::{HttpAuth, HttpBackend, HttpConfig};
 use nixpush_backends::s3::{S3Backend, S3Config, S3Credentials};
-use nixpush_backends::{Backend, Body, ErrorKind, OpenError, PutMode};
+use nixpush_backends::{Backend, BackendExt as _, Body, ErrorKind, OpenError, PutMode};
 use support::suite::*;
 use support::testbeds::{self, unique};
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use nixpush_backends::gcs::{GcsBackend, GcsConfig, GcsCredentials};
 use nixpush_backends::sftp::{HostKeyCheck, SftpAuth, SftpBackend, SftpConfig};
-use nixpush_backends::{Backend, Body, ErrorKind, PutMode};
+use nixpush_backends::{Backend, BackendExt as _, Body, ErrorKind, PutMode};
 use support::suite::*;
 use support::testbeds as tb;
 

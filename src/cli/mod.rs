@@ -3,6 +3,7 @@
 mod daemon;
 mod docs;
 mod doctor;
+mod gc;
 mod hook;
 mod keygen;
 mod progress;
@@ -60,6 +61,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Check that every path in a cache can be substituted; --repair mends what is broken.
     Verify(verify::VerifyArgs),
+    /// Delete what no root needs from a cache, safely beside pushers at work.
+    Gc(gc::GcArgs),
     /// List, retry or drop the queue entries the daemon rejected.
     Queue(queue::QueueArgs),
     /// Check a set-up: config, keys, Nix, cache, nix.conf's hook, daemon, queue; each failure
@@ -231,6 +234,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => {
             init_tracing(cli.verbose, "warn");
             runtime()?.block_on(verify::run(args))
+        }
+        Command::Gc(args) => {
+            init_tracing(cli.verbose, "warn");
+            runtime()?.block_on(gc::run(args))
         }
         Command::Help(args) => docs::help(args),
         Command::Completions(args) => docs::completions(args),

@@ -5,9 +5,9 @@
 //! entry's metadata), because `Backend::list` gives neither sizes nor the temporary files it
 //! hides. Its layout is the fs backend's, which is Nix's `file://` layout: keys are paths
 //! relative to the directory, temporary names start with [`TMP_PREFIX`]. Every other store is
-//! asked through `Backend::list("")` (see the module doc of [`super`] for the cost). A
-//! `Backend::list` that also returned sizes (S3 and GCS listings carry them) would let those
-//! check `FileSize` without `--deep`.
+//! asked through `Backend::list("")` (see the module doc of [`super`] for the cost). The
+//! sizes `Backend::list_objects` gives (S3 and GCS listings carry them) would let those check
+//! `FileSize` without `--deep`; verify does not use them yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use nixpush_backends::fs::TMP_PREFIX;
-use nixpush_backends::{Backend, BackendError, ErrorKind};
+use nixpush_backends::{Backend, BackendError, BackendExt as _, ErrorKind};
 
 use crate::formats::cache_info;
 

@@ -1,6 +1,7 @@
 //! Looking after a cache that is already there: [`verify`] checks that every path it offers can
 //! be substituted, [`repair`] mends what verify found. `nixpush verify CACHE [--deep] [--repair]`
-//! is the thin CLI over both.
+//! is the thin CLI over both. [`gc`] deletes what no root needs, beside live pushers
+//! (`nixpush gc`; its module doc has the protocol and the argument for its safety).
 //!
 //! # What "whole" means
 //! A cache is whole when a Nix client with `require-sigs = true` and the cache's keys trusted
@@ -52,6 +53,7 @@
 //! Repair's cost is in [`repair`].
 
 pub mod deep;
+pub mod gc;
 pub mod inventory;
 pub mod repair;
 pub mod report;

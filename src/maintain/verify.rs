@@ -794,12 +794,15 @@ mod tests {
             self.gets.fetch_add(1, Ordering::Relaxed);
             self.inner.get(key).await
         }
-        async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        async fn list_objects(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<nixpush_backends::ObjectInfo>, BackendError> {
             self.lists.fetch_add(1, Ordering::Relaxed);
-            let mut keys = self.inner.list(prefix).await?;
+            let mut objects = self.inner.list_objects(prefix).await?;
             let hidden = self.hidden.lock().unwrap().clone();
-            keys.retain(|k| !hidden.contains(k));
-            Ok(keys)
+            objects.retain(|o| !hidden.contains(&o.key));
+            Ok(objects)
         }
         async fn delete(&self, key: &str) -> Result<(), BackendError> {
             self.inner.delete(key).await

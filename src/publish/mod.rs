@@ -21,9 +21,13 @@
 //!    wins and the second does not rewrite it. `force` overwrites. NARs (named by their
 //!    FileHash) are created if absent too where the backend does that in one request
 //!    ([`Backend::creates_in_one_request`]), and overwritten elsewhere.
+//! 6. Beside a garbage collection ([`guard`]): each pass reads `nixpush/gc-pending` before it
+//!    looks at what the cache has, announces the present paths it relies on and its roots,
+//!    and holds back a write that touches what a gc may be deleting.
 
 mod batch;
 pub mod filter;
+pub mod guard;
 pub mod logs;
 mod path;
 pub mod pipeline;
@@ -180,6 +184,8 @@ pub enum PathError {
         theirs: String,
         their_size: u64,
     },
+    #[error(transparent)]
+    Gc(#[from] guard::GuardError),
     #[error("not published because its reference {path} failed")]
     Reference { path: StorePath, transient: bool },
     #[error(
@@ -226,6 +232,8 @@ impl PathError {
             PathError::Store(e) => e.is_transient(),
             PathError::HashMismatch { .. } => false,
             PathError::Backend(e) => is_transient_backend(e),
+            PathError::Gc(guard::GuardError::Backend(e)) => is_transient_backend(e),
+            PathError::Gc(guard::GuardError::Collected { .. }) => true,
             PathError::Reference { transient, .. } => *transient,
             PathError::ReferenceAbsent { .. } => false,
             PathError::Internal(_) => true,
@@ -324,14 +332,36 @@ impl Pusher {
     /// Publish the closure of `roots` (valid store paths; see [`Pusher::resolve`]).
     pub async fn push(&self, roots: &[StorePath], events: EventSink) -> Result<Summary, PushError> {
         self.ensure_cache_info().await?;
+        // Beside a garbage collection (see `guard`): what it has marked, read before we look
+        // at what the cache has.
+        let guard = guard::Guard::start(self.backend.clone())
+            .await
+            .map_err(|e| self.backend_err(e))?;
+        let root_hashes: HashSet<String> = roots.iter().map(|p| p.hash_part().to_owned()).collect();
         let mut unmet = Vec::new();
-        let (closure, present) = if self.opts.no_closure {
-            self.named_only(roots, &mut unmet).await?
-        } else if self.opts.force {
-            (store::closure(&*self.store, roots).await?, 0)
-        } else {
-            self.missing_closure(roots).await?
+        let walk = async {
+            if self.opts.no_closure {
+                self.named_only(roots, &mut unmet).await
+            } else if self.opts.force {
+                Ok((store::closure(&*self.store, roots).await?, HashSet::new()))
+            } else {
+                self.missing_closure(roots).await
+            }
         };
+        let (walked, announced) = tokio::join!(walk, guard.announce(root_hashes.clone()));
+        announced.map_err(|e| self.backend_err(e))?;
+        let (closure, present) = walked?;
+        let relied: HashSet<String> = present.iter().map(|p| p.hash_part().to_owned()).collect();
+        let beyond_roots: HashSet<String> = relied.difference(&root_hashes).cloned().collect();
+        if !beyond_roots.is_empty() {
+            guard
+                .announce(beyond_roots)
+                .await
+                .map_err(|e| self.backend_err(e))?;
+        }
+        guard.set_relied(relied);
+        let poller = AbortOnDrop(guard.poll());
+        let present = present.len();
         let mut summary = Summary {
             closure: closure.len() + present + unmet.len(),
             present,
@@ -380,7 +410,8 @@ impl Pusher {
         // A path counts as published only once its narinfo is durable (every put and batch
         // returns durable), so the caller may forget the request next (the daemon removes its
         // queue entry).
-        let results = self.publish_all(to_push, events).await;
+        let results = self.publish_all(to_push, events, guard).await;
+        drop(poller);
         let built: std::collections::BTreeSet<StorePath> = results
             .iter()
             .filter(|(_, _, r)| r.is_ok())
@@ -421,8 +452,8 @@ impl Pusher {
         Ok(summary)
     }
 
-    /// The part of the closure of `roots` that the cache lacks, with the number of paths found
-    /// present on the way. The walk goes down from the roots, level by level, and stops at
+    /// The part of the closure of `roots` that the cache lacks, with the paths found present
+    /// on the way (what the new narinfos will rely on). The walk goes down from the roots, level by level, and stops at
     /// every path the cache has: a narinfo is only ever written after the narinfos of all its
     /// references (rule 3), so a present path's closure is present too. A no-op push then
     /// costs one presence check of its roots, and a push of new paths over a large closure
@@ -430,16 +461,16 @@ impl Pusher {
     async fn missing_closure(
         &self,
         roots: &[StorePath],
-    ) -> Result<(BTreeMap<StorePath, Arc<PathInfo>>, usize), PushError> {
+    ) -> Result<(BTreeMap<StorePath, Arc<PathInfo>>, HashSet<StorePath>), PushError> {
         let mut seen: HashSet<StorePath> = roots.iter().cloned().collect();
         let mut frontier: Vec<StorePath> = seen.iter().cloned().collect();
         let mut missing: BTreeMap<StorePath, Arc<PathInfo>> = BTreeMap::new();
-        let mut present = 0;
+        let mut present = HashSet::new();
         while !frontier.is_empty() {
             let here = self.present(&frontier).await?;
-            present += here.len();
             let absent: Vec<StorePath> =
                 frontier.into_iter().filter(|p| !here.contains(p)).collect();
+            present.extend(here);
             let infos = store::valid_path_infos(&*self.store, &absent).await?;
             frontier = Vec::new();
             for info in infos {
@@ -455,13 +486,14 @@ impl Pusher {
     }
 
     /// `--no-closure`: the named paths the cache lacks (all of them with `force`), without
-    /// their closures. A path whose reference is neither in the cache nor named cannot be
-    /// published (rule 3): it goes to `unmet`, and so does a named path that refers to it.
+    /// their closures, and the paths found present that they rely on. A path whose reference
+    /// is neither in the cache nor named cannot be published (rule 3): it goes to `unmet`, and
+    /// so does a named path that refers to it.
     async fn named_only(
         &self,
         roots: &[StorePath],
         unmet: &mut Vec<Failed>,
-    ) -> Result<(BTreeMap<StorePath, Arc<PathInfo>>, usize), PushError> {
+    ) -> Result<(BTreeMap<StorePath, Arc<PathInfo>>, HashSet<StorePath>), PushError> {
         let here = if self.opts.force {
             HashSet::new()
         } else {
@@ -514,7 +546,8 @@ impl Pusher {
             unmet.push(Failed { path, error });
         }
         unmet.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok((named, here.len()))
+        // What the cache has that the named paths rely on (for a garbage collection's sake).
+        Ok((named, here.into_iter().chain(cached).collect()))
     }
 
     /// Which of `paths` already have a narinfo in the cache (see [`presence`] for how).
@@ -535,6 +568,7 @@ impl Pusher {
         &self,
         to_push: BTreeMap<StorePath, Arc<PathInfo>>,
         events: EventSink,
+        guard: Arc<guard::Guard>,
     ) -> Vec<(StorePath, u64, Result<Outcome, Arc<PathError>>)> {
         let order = topological(&to_push);
         let spawn_order = order.clone();
@@ -551,6 +585,7 @@ impl Pusher {
             uploads: Semaphore::new(self.opts.jobs.max(1) * UPLOADS_PER_JOB),
             batched: Semaphore::new(batch::STAGED_MIB_MAX),
             events,
+            guard,
         });
         // Futures are built references-first, so every dependency's future exists already.
         let mut futs: HashMap<StorePath, PathFuture> = HashMap::new();
@@ -599,6 +634,15 @@ impl Pusher {
             results.push((path, nar_size, r));
         }
         results
+    }
+}
+
+/// Aborts its task when dropped (the guard's poller ends with the pass, however it ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

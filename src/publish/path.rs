@@ -19,6 +19,8 @@ pub(super) struct Ctx {
     /// [`batch::STAGED_MIB_MAX`], so that as many small NARs wait as batches take.
     pub(super) batched: Semaphore,
     pub(super) events: EventSink,
+    /// The pass's side of the garbage collection protocol.
+    pub(super) guard: Arc<guard::Guard>,
 }
 
 /// Uploads in flight per compression slot: enough that a slot never waits for a slow upload
@@ -41,7 +43,7 @@ pub(super) async fn publish_one(
     let full = sd.display(&info.path);
 
     // 1. The NAR, under a bounded number of slots.
-    let (nar_key, staged_meta, upload) = {
+    let (nar_key, staged_meta, upload, nar_at) = {
         let slot = slot
             .await
             .map_err(|_| PathError::Internal("the slot dispatcher stopped".into()))?;
@@ -99,6 +101,8 @@ pub(super) async fn publish_one(
         }
         .map_err(|e| PathError::Internal(e.to_string()))?;
         drop(slot);
+        ctx.guard.before_nar(&key).await?;
+        let nar_started = std::time::SystemTime::now();
         debug!(key, file_size = staged.file_size, "uploading NAR");
         // The key is the NAR's FileHash: an object there holds these very bytes. Where
         // creating costs nothing more, create it if absent, so that builders racing on a
@@ -132,6 +136,7 @@ pub(super) async fn publish_one(
             Err(e) => return Err(e.into()),
         }
         let upload = started.elapsed();
+        let nar_at = (nar_started, std::time::SystemTime::now());
         // The listing goes before the narinfo, so that a reader who finds one finds both.
         if let Some(listing) = staged.listing {
             let put = Put {
@@ -150,7 +155,7 @@ pub(super) async fn publish_one(
                 None => ctx.backend.put(&put.key, put.body, put.opts).await?,
             }
         }
-        (key, meta, upload)
+        (key, meta, upload, nar_at)
     };
 
     // 2. Wait for the references' narinfos.
@@ -189,6 +194,21 @@ pub(super) async fn publish_one(
         ca: info.ca.clone(),
         unknown: Vec::new(),
     };
+    let refs: Vec<String> = info
+        .references
+        .iter()
+        .filter(|r| **r != info.path)
+        .map(|r| r.hash_part().to_owned())
+        .collect();
+    ctx.guard
+        .before_narinfo(
+            info.path.hash_part(),
+            &refs,
+            &narinfo.url,
+            nar_at,
+            &narinfo.store_path,
+        )
+        .await?;
     let mode = if ctx.opts.force {
         PutMode::Overwrite
     } else {

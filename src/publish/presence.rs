@@ -264,7 +264,10 @@ mod tests {
             Err(unused("get"))
         }
 
-        async fn list(&self, _: &str) -> Result<Vec<String>, BackendError> {
+        async fn list_objects(
+            &self,
+            _: &str,
+        ) -> Result<Vec<nixpush_backends::ObjectInfo>, BackendError> {
             Err(unused("list"))
         }
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::error::missing_bucket_error;
 use super::{GcsBackend, segment};
-use crate::{BackendError, ErrorKind, ListPage, under_prefix};
+use crate::{BackendError, ErrorKind, ListPage, ObjectInfo, under_prefix};
 
 /// Objects per page when listing (GCS's maximum).
 pub const LIST_PAGE: u32 = crate::LIST_PAGE_MAX as u32;
@@ -51,7 +51,7 @@ impl GcsBackend {
     }
 
     /// Every key that starts with `prefix`.
-    pub(super) async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    pub(super) async fn list_keys(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         let full = under_prefix(&self.config.prefix, prefix);
         let strip = under_prefix(&self.config.prefix, "").len();
         let page = self.list_page_size.to_string();
@@ -61,7 +61,7 @@ impl GcsBackend {
             let mut query = vec![
                 ("prefix", full.as_str()),
                 ("maxResults", page.as_str()),
-                ("fields", "items(name),nextPageToken"),
+                ("fields", "items(name,size,updated),nextPageToken"),
             ];
             if let Some(t) = &token {
                 query.push(("pageToken", t.as_str()));
@@ -75,7 +75,28 @@ impl GcsBackend {
             {
                 if let Some(n) = item.get("name").and_then(Value::as_str) {
                     if n.len() >= strip && n.starts_with(&full) {
-                        out.push(n[strip..].to_owned());
+                        let key = &n[strip..];
+                        let size = item
+                            .get("size")
+                            .and_then(Value::as_str)
+                            .and_then(|s| s.parse().ok());
+                        let modified = item
+                            .get("updated")
+                            .and_then(Value::as_str)
+                            .and_then(parse_rfc3339);
+                        let (Some(size), Some(modified)) = (size, modified) else {
+                            return Err(BackendError::new(
+                                ErrorKind::Other,
+                                "list",
+                                key,
+                                "the listing gives no size or update time for this object",
+                            ));
+                        };
+                        out.push(ObjectInfo {
+                            key: key.to_owned(),
+                            size,
+                            modified,
+                        });
                     }
                 }
             }
@@ -135,5 +156,55 @@ impl GcsBackend {
             more,
             self.list_page_size as usize,
         )))
+    }
+}
+
+/// An RFC 3339 time in UTC as GCS writes it (`2024-05-01T10:00:00.123Z`).
+fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|x| x.parse::<u64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let nanos: u32 = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        let n: u32 = digits.parse().ok()?;
+        n * 10u32.pow(9 - digits.len() as u32)
+    };
+    Some(
+        std::time::UNIX_EPOCH
+            + std::time::Duration::new(days * 86_400 + h * 3600 + min * 60 + sec, nanos),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn update_times() {
+        let t = |s| super::parse_rfc3339(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap());
+        assert_eq!(t("1970-01-01T00:00:00Z"), Some(Duration::ZERO));
+        assert_eq!(
+            t("2024-02-29T12:34:56.5Z"),
+            Some(Duration::new(1_709_210_096, 500_000_000))
+        );
+        assert_eq!(t("2024-13-01T00:00:00Z"), None);
+        assert_eq!(t("2024-01-01 00:00:00"), None);
     }
 }

@@ -45,7 +45,7 @@ pub use listing::LIST_PAGE;
 pub use upload::{RESUMABLE_ABOVE, RESUMABLE_CHUNK};
 
 use crate::throttle::{Answer, DEFAULT_MAX_IN_FLIGHT, Limiter};
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, ObjectInfo, PutOptions};
 use address::valid_key;
 use error::{bucket_missing, missing_bucket_error, response_error};
 
@@ -257,7 +257,7 @@ impl Backend for GcsBackend {
         ))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         self.list_keys(prefix).await
     }
 

@@ -13,11 +13,11 @@ use object_store::path::Path as ObjPath;
 
 use super::S3Backend;
 use super::error::{error_text, map_err};
-use crate::{BackendError, ErrorKind, ListPage};
+use crate::{BackendError, ErrorKind, ListPage, ObjectInfo};
 
 impl S3Backend {
     /// Every key that starts with `prefix`.
-    pub(super) async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    pub(super) async fn list_keys(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         // object_store lists "directories"; list the deepest one the prefix names and filter.
         let dir = prefix.rsplit_once('/').map_or("", |(d, _)| d);
         let full_dir = match (self.config.prefix.as_str(), dir) {
@@ -41,7 +41,11 @@ impl S3Backend {
         {
             if let Some(k) = self.strip(meta.location.as_ref()) {
                 if k.starts_with(prefix) {
-                    out.push(k.to_owned());
+                    out.push(ObjectInfo {
+                        key: k.to_owned(),
+                        size: meta.size,
+                        modified: meta.last_modified.into(),
+                    });
                 }
             }
         }
@@ -100,7 +104,7 @@ impl S3Backend {
     }
 
     /// `key` relative to our prefix, if it is below it.
-    fn strip<'a>(&self, location: &'a str) -> Option<&'a str> {
+    pub(super) fn strip<'a>(&self, location: &'a str) -> Option<&'a str> {
         if self.config.prefix.is_empty() {
             Some(location)
         } else {

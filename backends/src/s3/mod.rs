@@ -52,7 +52,7 @@ pub use upload::{
 };
 
 use crate::throttle::{DEFAULT_MAX_IN_FLIGHT, Limiter};
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ListPage, ObjectInfo, PutOptions};
 use error::{ErrorContext, map_err};
 
 /// Attempts of one request after the first, at most.
@@ -218,7 +218,7 @@ impl Backend for S3Backend {
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = "s3"))]
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         self.list_keys(prefix).await
     }
 
@@ -247,6 +247,64 @@ impl Backend for S3Backend {
     /// in [`crate::PutMode::Create`].
     fn creates_in_one_request(&self) -> bool {
         true
+    }
+
+    /// DeleteObjects requests of up to 1000 keys (object_store's `delete_stream`).
+    #[tracing::instrument(level = "debug", skip_all, fields(backend = "s3", keys = keys.len()))]
+    async fn delete_batch(&self, keys: Vec<String>) -> Vec<Result<(), BackendError>> {
+        use futures::StreamExt as _;
+        use object_store::ObjectStore as _;
+        let mut out: Vec<Option<Result<(), BackendError>>> = Vec::with_capacity(keys.len());
+        let mut paths = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            match self.path("delete", key) {
+                Ok(p) => {
+                    index.insert(p.to_string(), i);
+                    paths.push(Ok(p));
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let mut results = self
+            .store
+            .delete_stream(futures::stream::iter(paths).boxed());
+        let mut first_error: Option<BackendError> = None;
+        loop {
+            match results.try_next().await {
+                Ok(Some(p)) => {
+                    if let Some(&i) = index.get(p.as_ref()) {
+                        out[i] = Some(Ok(()));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let e = map_err(&self.errors, "delete", "", e);
+                    if e.kind == ErrorKind::NotFound {
+                        continue;
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // A key the store did not confirm failed; the store's error names which.
+        out.into_iter()
+            .zip(&keys)
+            .map(|(r, key)| {
+                r.unwrap_or_else(|| {
+                    Err(match &first_error {
+                        Some(e) => BackendError::new(e.kind, "delete", key, e.message.clone()),
+                        None => BackendError::new(
+                            ErrorKind::Transient,
+                            "delete",
+                            key,
+                            "the store did not confirm the removal",
+                        ),
+                    })
+                })
+            })
+            .collect()
     }
 
     fn describe(&self) -> String {

@@ -10,7 +10,7 @@ use russh_sftp::protocol::StatusCode;
 use super::connection::Session;
 use super::error::{is_status, sftp_error};
 use super::{S_IFDIR, S_IFREG, TMP_PREFIX, file_mode, remote};
-use crate::BackendError;
+use crate::{BackendError, ObjectInfo};
 
 /// Keys below the directory `start` (a key prefix ending before a `/`) that begin with
 /// `prefix`, breadth first.
@@ -19,7 +19,7 @@ pub(super) async fn walk(
     s: &Session,
     start: &str,
     prefix: &str,
-) -> Result<Vec<String>, BackendError> {
+) -> Result<Vec<ObjectInfo>, BackendError> {
     let mut out = Vec::new();
     let mut dirs = vec![start.to_owned()];
     while let Some(rel) = dirs.pop() {
@@ -47,7 +47,12 @@ pub(super) async fn walk(
                         dirs.push(key);
                     }
                 }
-                S_IFREG if key.starts_with(prefix) => out.push(key),
+                S_IFREG if key.starts_with(prefix) => out.push(ObjectInfo {
+                    key,
+                    size: f.attrs.size.unwrap_or(0),
+                    modified: std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(f.attrs.mtime.map_or(0, u64::from)),
+                }),
                 _ => {}
             }
         }

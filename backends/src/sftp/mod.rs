@@ -41,7 +41,7 @@ pub use address::SftpConfig;
 pub use auth::{HostKeyCheck, SftpAuth};
 pub use connection::SESSIONS;
 
-use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, Put, PutOptions};
+use crate::{Backend, BackendError, Body, ByteStream, ErrorKind, ObjectInfo, Put, PutOptions};
 use connection::{Lease, PoolInner, Session};
 use error::{is_status, sftp_error};
 use listing::walk;
@@ -219,7 +219,7 @@ impl Backend for SftpBackend {
         self.download(key).await
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         // Walk only below the deepest directory the prefix names.
         let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
         if !dir_part.is_empty() && !valid_key(dir_part) {

@@ -651,6 +651,10 @@ pub async fn suite(b: Arc<dyn Backend>, caps: Caps) {
     }
 
     list_pages(b, caps).await;
+    if caps.list {
+        list_objects_sizes_and_times(b).await;
+    }
+    delete_batches(b, caps).await;
 
     // Delete.
     b.delete("list/a/1").await.expect("delete");
@@ -739,6 +743,117 @@ pub async fn suite(b: Arc<dyn Backend>, caps: Caps) {
         b.delete("nar/big.nar").await.expect("delete big");
         assert!(!b.exists("nar/big.nar").await.unwrap());
     }
+}
+
+/// `Backend::list_objects`: each object's size, and a modification time from the store's clock
+/// that a rewrite moves forward (garbage collection keeps what was written recently).
+async fn list_objects_sizes_and_times(b: &dyn Backend) {
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    b.put(
+        "meta/seven",
+        Body::Bytes(Bytes::from_static(b"1234567")),
+        opts(PutMode::Overwrite),
+    )
+    .await
+    .expect("put for list_objects");
+    b.put(
+        "meta/staged",
+        Body::File(staged(3000, 4)),
+        opts(PutMode::Overwrite),
+    )
+    .await
+    .expect("put staged for list_objects");
+    let objects = b.list_objects("meta/").await.expect("list_objects");
+    let mut got: Vec<(String, u64)> = objects.iter().map(|o| (o.key.clone(), o.size)).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("meta/seven".to_owned(), 7),
+            ("meta/staged".to_owned(), 3000)
+        ]
+    );
+    let after = std::time::SystemTime::now() + std::time::Duration::from_secs(120);
+    for o in &objects {
+        assert!(
+            o.modified > before && o.modified < after,
+            "{}: modified {:?} is not within two minutes of now",
+            o.key,
+            o.modified
+        );
+    }
+    // Stores keep times to the second; a rewrite two seconds later must show a later one.
+    let first = objects
+        .iter()
+        .find(|o| o.key == "meta/seven")
+        .unwrap()
+        .modified;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    b.put(
+        "meta/seven",
+        Body::Bytes(Bytes::from_static(b"12345678")),
+        opts(PutMode::Overwrite),
+    )
+    .await
+    .expect("rewrite for list_objects");
+    let again = b
+        .list_objects("meta/seven")
+        .await
+        .expect("list_objects again");
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].size, 8);
+    assert!(
+        again[0].modified > first,
+        "a rewrite did not move the time forward: {:?} then {:?}",
+        first,
+        again[0].modified
+    );
+    let keys: BTreeSet<String> = b.list("meta/").await.unwrap().into_iter().collect();
+    assert_eq!(keys.len(), 2, "list and list_objects disagree: {keys:?}");
+}
+
+/// `Backend::delete_batch`: every key removed (absent ones too), neighbours kept, one result
+/// per key in order.
+async fn delete_batches(b: &dyn Backend, caps: Caps) {
+    let keys: Vec<String> = (0..25).map(|i| format!("batch/{i:02}.narinfo")).collect();
+    for k in &keys {
+        b.put(
+            k,
+            Body::Bytes(Bytes::from(k.clone())),
+            opts(PutMode::Overwrite),
+        )
+        .await
+        .expect("put for delete_batch");
+    }
+    b.put(
+        "batch/keep",
+        Body::Bytes(Bytes::from_static(b"k")),
+        opts(PutMode::Overwrite),
+    )
+    .await
+    .expect("put neighbour");
+    let mut asked = keys.clone();
+    asked.push("batch/absent.narinfo".to_owned());
+    let results = b.delete_batch(asked.clone()).await;
+    assert_eq!(results.len(), asked.len());
+    for (k, r) in asked.iter().zip(&results) {
+        assert!(r.is_ok(), "delete_batch {k}: {r:?}");
+    }
+    for k in &keys {
+        assert!(!b.exists(k).await.unwrap(), "{k} is still there");
+    }
+    assert!(b.exists("batch/keep").await.unwrap(), "a neighbour went");
+    if caps.list {
+        assert_eq!(b.list("batch/").await.unwrap(), ["batch/keep"]);
+    }
+    let refused = b.delete_batch(vec!["../escape".to_owned()]).await;
+    assert_eq!(refused.len(), 1);
+    expect_kind(
+        refused.into_iter().next().unwrap(),
+        ErrorKind::Config,
+        "delete_batch bad key",
+    );
+    b.delete("batch/keep").await.unwrap();
 }
 
 /// Ordered listing pages (`Backend::list_page`), on a cache that holds the suite's objects.
