@@ -67,6 +67,29 @@ fn realisations_of(
         .collect()
 }
 
+/// With `drv` (and only its derivations) copied into a fresh store at `root`: `nix-store
+/// --realise` there, substituting from the daemon's cache, trusting its key, signatures
+/// required, and not allowed to build.
+fn realise_without_building(root: &std::path::Path, drv: &str, s: &Setup) -> Command {
+    let store = format!("local?root={}", root.display());
+    run_ok(nix_ca().args([
+        "copy",
+        "--derivation",
+        "--no-check-sigs",
+        "--to",
+        &store,
+        drv,
+    ]));
+    let mut c = Command::new("nix-store");
+    c.args(["--store", &store, "--realise", drv])
+        .args(["--extra-experimental-features", "ca-derivations"])
+        .args(["--max-jobs", "0", "--option", "substituters"])
+        .arg(format!("file://{}", s.cache.display()))
+        .args(["--option", "trusted-public-keys", &s.keys.public_key()])
+        .args(["--option", "require-sigs", "true"]);
+    c
+}
+
 #[test]
 fn a_content_addressed_build_is_substituted_through_its_realisation() {
     let s = Setup::new("");
@@ -141,24 +164,7 @@ fn a_content_addressed_build_is_substituted_through_its_realisation() {
     // A fresh store that may not build gets the output from the cache: only the realisation
     // can tell it which path the derivation's output is.
     let root = tempdir();
-    let store = format!("local?root={}", root.path().display());
-    run_ok(nix_ca().args([
-        "copy",
-        "--derivation",
-        "--no-check-sigs",
-        "--to",
-        &store,
-        &drv,
-    ]));
-    let realised = run_ok(
-        Command::new("nix-store")
-            .args(["--store", &store, "--realise", &drv])
-            .args(["--extra-experimental-features", "ca-derivations"])
-            .args(["--max-jobs", "0", "--option", "substituters"])
-            .arg(format!("file://{}", s.cache.display()))
-            .args(["--option", "trusted-public-keys", &s.keys.public_key()])
-            .args(["--option", "require-sigs", "true"]),
-    );
+    let realised = run_ok(&mut realise_without_building(root.path(), &drv, &s));
     assert_eq!(
         realised.stdout.trim(),
         top.as_str(),
@@ -178,22 +184,7 @@ fn a_content_addressed_build_is_substituted_through_its_realisation() {
     // its own proof. The signatures are for the Nixes that do.)
     fs::remove_file(&object).expect("remove realisation");
     let other = tempdir();
-    let store = format!("local?root={}", other.path().display());
-    run_ok(nix_ca().args([
-        "copy",
-        "--derivation",
-        "--no-check-sigs",
-        "--to",
-        &store,
-        &drv,
-    ]));
-    let stuck = run(Command::new("nix-store")
-        .args(["--store", &store, "--realise", &drv])
-        .args(["--extra-experimental-features", "ca-derivations"])
-        .args(["--max-jobs", "0", "--option", "substituters"])
-        .arg(format!("file://{}", s.cache.display()))
-        .args(["--option", "trusted-public-keys", &s.keys.public_key()])
-        .args(["--option", "require-sigs", "true"]));
+    let stuck = run(&mut realise_without_building(other.path(), &drv, &s));
     assert!(!stuck.status.success(), "{}", stuck.report());
     assert!(!valid_in_root(other.path(), top), "{}", stuck.report());
 }
