@@ -1557,3 +1557,167 @@ fn rejected_entries_are_listed_retried_and_dropped() {
         missing.report()
     );
 }
+
+/// The held entries of a status report: (entry name, attempts, retry_in_secs, failed).
+fn held_entries(st: &serde_json::Value) -> Vec<(String, u64, u64, Vec<String>)> {
+    st["held"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has no held list: {st}"))
+        .iter()
+        .map(|h| {
+            (
+                h["entry"].as_str().expect("entry").to_owned(),
+                h["attempts"].as_u64().expect("attempts"),
+                h["retry_in_secs"].as_u64().expect("retry_in_secs"),
+                h["failed"]
+                    .as_array()
+                    .expect("failed")
+                    .iter()
+                    .map(|f| f.as_str().expect("string").to_owned())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// One path whose upload keeps failing (its NAR's name in the cache is taken by a directory,
+/// so the rename into place fails every time) holds back neither the other paths of its batch
+/// nor later entries: they land at once, while its entry is retried on its own growing
+/// backoff, listed by `status` with the path and the error, and lands once the fault is gone
+/// (Mic92/niks3#465).
+#[test]
+fn one_path_that_keeps_failing_holds_back_no_other_entry() {
+    let setup = Setup::new("");
+    let text = setup
+        .config_text("")
+        .replace("retry-max-delay-secs = 2", "retry-max-delay-secs = 30");
+    fs::write(&setup.config, text).expect("config");
+    let l = leaves("one-bad", &["l1", "l2", "l3", "l4"]);
+    let bad = &l[1];
+
+    // Where the daemon will put the bad path's NAR: the same push into a scratch cache says
+    // (the NAR's name is its compressed hash, the same for the same settings).
+    let scratch = setup.dir.path().join("scratch-cache");
+    push(&format!("file://{}", scratch.display()), &setup.keys, bad);
+    let url = RawNarInfo::read(&scratch, bad).one("URL").to_owned();
+    assert!(url.starts_with("nar/"), "{url}");
+    let blocker = setup.cache.join(&url);
+    fs::create_dir_all(blocker.join("in-the-way")).expect("block the NAR's name");
+
+    // The bad path and two good ones in one batch (written before the daemon starts, so its
+    // first pass takes them together), in two entries.
+    setup.write_entry("a-bad", &format!("{bad}\n"));
+    setup.write_entry("b-good", &format!("{}\n{}\n", l[0], l[2]));
+    let started = Instant::now();
+    let daemon = setup.start();
+    let good = [l[0].clone(), l[2].clone()];
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "the good paths are not published\n--- log:\n{}",
+                daemon.log_tail()
+            )
+        },
+        || setup.published(&good) && setup.queued() == ["a-bad"],
+    );
+    eprintln!(
+        "the good entry of the batch landed after {:?}",
+        started.elapsed()
+    );
+    assert!(!setup.published(std::slice::from_ref(bad)));
+
+    // The bad entry is retried on its own, with a growing backoff.
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "not retried 5 times: {}\n--- log:\n{}",
+                setup.status(),
+                daemon.log_tail()
+            )
+        },
+        || {
+            held_entries(&setup.status())
+                .first()
+                .is_some_and(|h| h.1 >= 5)
+        },
+    );
+    let st = setup.status();
+    let held = held_entries(&st);
+    assert_eq!(held.len(), 1, "{st}");
+    let (entry, attempts, retry_in, failed) = &held[0];
+    assert_eq!(entry, "a-bad", "{st}");
+    assert_eq!(failed.len(), 1, "{st}");
+    assert!(
+        failed[0].starts_with(&format!("{bad}: ")) && failed[0].contains(&url),
+        "the failure names the path and its NAR: {st}"
+    );
+    assert!(failed[0].contains("Is a directory"), "{st}");
+    // After 5 failures the backoff is 8-16 s: a later entry must not wait for it.
+    assert!(*retry_in >= 2, "backoff after {attempts} attempts: {st}");
+    assert_eq!(st["retrying"], false, "the cache is well: {st}");
+    let human = run_ok(nixpush().args(["status", "--config"]).arg(&setup.config));
+    for needle in [
+        "retried on their own (1 entry; other entries go on meanwhile):",
+        "a-bad: failed ",
+        "next try in ",
+        bad.as_str(),
+    ] {
+        assert!(
+            human.stdout.contains(needle),
+            "{needle:?}: {}",
+            human.report()
+        );
+    }
+
+    let asked = Instant::now();
+    setup.enqueue(&l[3..4]);
+    wait_until(
+        PATIENCE,
+        || {
+            format!(
+                "the later entry is not published\n--- log:\n{}",
+                daemon.log_tail()
+            )
+        },
+        || setup.published(&l[3..4]) && setup.queued() == ["a-bad"],
+    );
+    let took = asked.elapsed();
+    eprintln!(
+        "a later entry landed {took:?} after it was queued (the bad one's next try was {retry_in} s away)"
+    );
+    assert!(
+        took < Duration::from_secs(4) && took.as_secs() < *retry_in,
+        "the later entry took {took:?}, the held one's backoff was {retry_in} s\n--- log:\n{}",
+        daemon.log_tail()
+    );
+    assert!(!setup.published(std::slice::from_ref(bad)));
+    assert_eq!(
+        held_entries(&setup.status())[0].0,
+        "a-bad",
+        "still held after the later entry"
+    );
+
+    // The fault is lifted: the bad path lands at its next try, and nothing is held.
+    fs::remove_dir_all(&blocker).expect("unblock");
+    let lifted = Instant::now();
+    let next_try = Duration::from_secs(held_entries(&setup.status())[0].2);
+    setup.wait_published(std::slice::from_ref(bad), &daemon);
+    let took = lifted.elapsed();
+    eprintln!(
+        "the bad path landed {took:?} after the fault was lifted (its next try: {next_try:?})"
+    );
+    assert!(
+        took < next_try + Duration::from_secs(5),
+        "landed {took:?} after the fault was lifted, its next try was {next_try:?} away"
+    );
+    assert!(held_entries(&setup.status()).is_empty());
+    assert_eq!(RawNarInfo::read(&setup.cache, bad).one("URL"), url);
+    assert!(
+        dir_names(&setup.cache.join("nar"), |n| n.ends_with(".tmp")).is_empty(),
+        "the failed attempts left temporary files behind"
+    );
+    check_cache_invariant(&setup.cache).unwrap_or_else(|e| panic!("{e}"));
+    setup.nix_substitutes(&l);
+}

@@ -106,7 +106,7 @@ pub(super) fn ask(socket: &Path) -> Result<StatusReport, StatusError> {
     match serde_json::from_str::<Response>(&line) {
         Ok(Response::Status(s)) => Ok(s),
         Ok(Response::Error { message }) => Err(StatusError::Refused(message)),
-        Ok(Response::Queued { .. }) => Err(StatusError::Unexpected),
+        Ok(Response::Queued { .. } | Response::NotQueued { .. }) => Err(StatusError::Unexpected),
         Err(_) => Err(StatusError::Unreadable(line)),
     }
 }
@@ -179,6 +179,25 @@ fn human(report: &StatusReport) -> String {
             let _ = writeln!(out, "  {}{when}", r.entry);
             for line in r.reason.lines() {
                 let _ = writeln!(out, "    {line}");
+            }
+        }
+    }
+    if !report.held.is_empty() {
+        let _ = writeln!(
+            out,
+            "retried on their own ({}; other entries go on meanwhile):",
+            count(report.held.len() as u64, "entry", "entries")
+        );
+        for h in &report.held {
+            let _ = writeln!(
+                out,
+                "  {}: failed {}, next try in {}s",
+                h.entry,
+                count(u64::from(h.attempts), "time", "times"),
+                h.retry_in_secs
+            );
+            for f in &h.failed {
+                let _ = writeln!(out, "    {f}");
             }
         }
     }

@@ -6,9 +6,10 @@
 //! `DRV_PATH` as `<drv>^*`), hand the request to the daemon and wait for its acknowledgement
 //! that the request is durable. If the daemon is down or slow, write the queue entry directly
 //! (temporary file, then rename) and return; if it refuses the request, say what it said and
-//! do not queue it (a refusal is final). "Slow" is `hook.timeout-ms` for the whole
-//! exchange: the `connect` (which waits when the daemon's listen queue is full), sending the
-//! request and reading the answer. By default the hook never fails the build: if even
+//! do not queue it (a refusal is final); if it could not store the request (its queue
+//! directory is full), try the queue directory here, and say what happened either way.
+//! "Slow" is `hook.timeout-ms` for the whole exchange: the `connect` (which waits when the
+//! daemon's listen queue is full), sending the request and reading the answer. By default the hook never fails the build: if even
 //! that fails it says so on stderr and exits 0 (`hook.fail-build-on-error` changes this).
 
 use std::io::{Read as _, Write as _};
@@ -67,7 +68,11 @@ pub fn run(config_path: &Path) -> ExitCode {
                 ExitCode::SUCCESS
             };
         }
-        Err(why) => why,
+        // Why the entry is written here instead: the daemon is away, or could not store it.
+        Err(SendError::NotQueued(message)) => {
+            format!("the daemon could not queue the request ({message})")
+        }
+        Err(why) => format!("daemon not reachable ({why})"),
     };
     let queued = if missing && !cfg.queue_dir.is_dir() {
         Err(std::io::Error::new(
@@ -80,14 +85,23 @@ pub fn run(config_path: &Path) -> ExitCode {
     match queued {
         Ok(name) => {
             eprintln!(
-                "nixpush hook: daemon not reachable ({why}); queued as {}",
+                "nixpush hook: {why}; queued as {}",
                 cfg.queue_dir.join(name).display()
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
+            let hint = if matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) {
+                " (its file system is full: free space there, then push them with \
+                 `nixpush push`)"
+            } else {
+                ""
+            };
             eprintln!(
-                "nixpush hook: daemon not reachable ({why}) and cannot write to {}: {e}; \
+                "nixpush hook: {why} and cannot write to {}: {e}{hint}; \
                  these paths will not be published: {}",
                 cfg.queue_dir.display(),
                 items.join(" ")
@@ -145,6 +159,8 @@ enum SendError {
     Timeout(Duration),
     #[error("the daemon refused: {0}")]
     Refused(String),
+    #[error("the daemon could not queue it: {0}")]
+    NotQueued(String),
     #[error("unexpected answer")]
     Unexpected,
     #[error("unreadable answer: {0}")]
@@ -202,6 +218,7 @@ fn send(socket: &Path, items: &[String], timeout: Duration) -> Result<(), SendEr
     match serde_json::from_slice::<Response>(&answer) {
         Ok(Response::Queued { .. }) => Ok(()),
         Ok(Response::Error { message }) => Err(SendError::Refused(message)),
+        Ok(Response::NotQueued { message }) => Err(SendError::NotQueued(message)),
         Ok(_) => Err(SendError::Unexpected),
         Err(e) => Err(SendError::Unreadable(e)),
     }

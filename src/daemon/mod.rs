@@ -32,7 +32,8 @@ mod worker;
 use server::accept_loop;
 use worker::{Backoff, WorkerRuntime};
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -44,9 +45,11 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::formats::{StoreDir, StorePath};
 use crate::publish::plan::Root;
-use crate::publish::{Event, EventSink, Failed, PushError, Pusher, Summary, filter};
+use crate::publish::{Event, EventSink, Failed, PathError, PushError, Pusher, Summary, filter};
 use crate::store::Store;
-use protocol::{ErrorRecord, NEWEST_REJECTED, RejectedRecord, Request, Response, StatusReport};
+use protocol::{
+    ErrorRecord, HeldEntry, NEWEST_REJECTED, RejectedRecord, Request, Response, StatusReport,
+};
 use queue::{Entry, Item, Queue, Read};
 
 const LAST_ERRORS: usize = 20;
@@ -80,7 +83,19 @@ struct StatusState {
     failed: u64,
     rejected: u64,
     retrying: bool,
+    /// Entries retried on their own backoff (see `worker`'s module doc), by name.
+    held: BTreeMap<OsString, Held>,
     last_errors: VecDeque<ErrorRecord>,
+}
+
+/// An entry some of whose paths failed transiently while the rest of its batch went on.
+struct Held {
+    backoff: Backoff,
+    /// Not tried again before this.
+    due: Instant,
+    /// The paths that failed, each with why.
+    failed: Vec<String>,
+    attempts: u32,
 }
 
 impl Shared {

@@ -6,6 +6,9 @@
 //! → {"op":"status"}
 //! ← {"result":"status","queue_depth":0,…}
 //! ← {"result":"error","message":"…"}          (for any bad request; nothing was queued)
+//! ← {"result":"not-queued","message":"…"}     (a good request the daemon could not store, e.g.
+//!                                              its queue directory is full; the client may
+//!                                              write the entry itself)
 //! ```
 //! `queued` is sent only once the request is durable in the queue directory (written, flushed
 //! and renamed into place), so a client that got it can forget the request. Messages are at
@@ -28,9 +31,19 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
-    Queued { entry: String },
+    Queued {
+        entry: String,
+    },
     Status(StatusReport),
-    Error { message: String },
+    /// The request is wrong; it was not queued, and queueing it elsewhere would not help.
+    Error {
+        message: String,
+    },
+    /// The request is good, but the daemon could not make it durable (its queue directory is
+    /// full or cannot be written); nothing was queued.
+    NotQueued {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -50,6 +63,11 @@ pub struct StatusReport {
     pub rejected: u64,
     /// Whether the daemon is waiting out a backoff after failures.
     pub retrying: bool,
+    /// Entries some of whose paths failed (transiently) while the rest of their batch was
+    /// published: each is retried on its own backoff, holding back no other entry. Oldest
+    /// name first.
+    #[serde(default)]
+    pub held: Vec<HeldEntry>,
     /// Most recent first.
     pub last_errors: Vec<ErrorRecord>,
     /// Entries waiting in the queue directory's `rejected/` for `nixpush queue retry` or
@@ -73,6 +91,19 @@ pub struct RejectedRecord {
     /// Seconds since the Unix epoch, when known.
     pub at: Option<u64>,
     pub reason: String,
+}
+
+/// An entry waiting to be retried on its own (see [`StatusReport::held`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldEntry {
+    /// The queue entry's name.
+    pub entry: String,
+    /// The store paths that failed, each with why (`/nix/store/…: cannot …`).
+    pub failed: Vec<String>,
+    /// Passes in which it failed so far.
+    pub attempts: u32,
+    /// Seconds until its next try (0: at the next pass).
+    pub retry_in_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -386,7 +386,13 @@ impl Queue {
             ));
         }
         text.push('\n');
-        fs::write(rejected.join(with_reason_suffix(&name)), text)?;
+        let reason_file = rejected.join(with_reason_suffix(&name));
+        if let Err(e) = fs::write(&reason_file, text) {
+            // Not half a reason (a full disk): the entry stays queued, and a later try finds
+            // the name free again.
+            let _ = fs::remove_file(&reason_file);
+            return Err(e);
+        }
         match fs::rename(self.dir.join(&entry.name), rejected.join(&name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

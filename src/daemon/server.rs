@@ -413,13 +413,31 @@ pub(super) async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
             shared.nudge.notify_one();
             Response::Queued { entry }
         }
-        Ok(Err(e)) => Response::Error {
-            message: format!("cannot write to the queue: {e}"),
-        },
+        Ok(Err(e)) => {
+            let dir = shared.queue.dir().display();
+            let message = if is_full(&e) {
+                format!(
+                    "cannot write to the queue directory {dir}: {e}; its file system is full: \
+                     free space there (entries already queued are kept and published)"
+                )
+            } else {
+                format!("cannot write to the queue directory {dir}: {e}")
+            };
+            error!(%message, "request not queued");
+            Response::NotQueued { message }
+        }
         Err(e) => Response::Error {
             message: format!("internal error: {e}"),
         },
     }
+}
+
+/// Whether `e` says that a file system is out of space (or of quota).
+pub(super) fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 pub(super) async fn status_report(shared: &Arc<Shared>) -> StatusReport {
@@ -447,6 +465,17 @@ pub(super) async fn status_report(shared: &Arc<Shared>) -> StatusReport {
         })
         .collect();
     let st = shared.status();
+    let now = Instant::now();
+    let held = st
+        .held
+        .iter()
+        .map(|(name, h)| HeldEntry {
+            entry: Entry::new(name.clone()).to_string(),
+            failed: h.failed.clone(),
+            attempts: h.attempts,
+            retry_in_secs: h.due.saturating_duration_since(now).as_secs(),
+        })
+        .collect();
     StatusReport {
         cache: shared.pusher.backend_description(),
         uptime_secs: shared.started.elapsed().as_secs(),
@@ -457,6 +486,7 @@ pub(super) async fn status_report(shared: &Arc<Shared>) -> StatusReport {
         failed: st.failed,
         rejected: st.rejected,
         retrying: st.retrying,
+        held,
         last_errors: st.last_errors.iter().cloned().collect(),
         rejected_entries,
         newest_rejected,

@@ -11,6 +11,19 @@
 //! out in steps of [`PROBE_INTERVAL`], each followed by another probe, and ends as soon as one
 //! answers: the pass runs again within [`PROBE_INTERVAL`] and a probe of the cache coming
 //! back.
+//!
+//! # One bad path holds back nobody
+//! A batch's push publishes every path whose closure could be published; after it, each
+//! entry is settled by what became of its own roots (a path fails if any path of its closure
+//! fails, so a root published means its closure is). An entry none of whose roots failed is
+//! done; one with a root that can never succeed is rejected; one whose roots failed
+//! transiently is held: it gets a [`Backoff`] of its own and is left out of passes until that
+//! runs out, so it neither keeps the rest of its batch in the queue nor makes later entries
+//! wait (Mic92/niks3#465). Its next try comes as the rest of the queue's do, in a pass of
+//! its own or beside new entries. `status` lists held entries with the paths that failed and
+//! why. When a pass achieved nothing but holding, the cache is probed: if it does not answer
+//! either, that is an outage, waited out as above, after which every held entry is tried
+//! at once.
 
 use super::*;
 
@@ -104,6 +117,35 @@ pub(super) enum Pass {
     Progressed { backlog: bool },
     /// Something failed transiently; wait before trying again.
     RetryLater,
+    /// Nothing was finished, but the cache took part: the entries tried were held, each on
+    /// its own backoff.
+    Held,
+}
+
+impl Shared {
+    /// The held entries whose time has not come.
+    fn held_not_due(&self) -> HashSet<OsString> {
+        let now = Instant::now();
+        self.status()
+            .held
+            .iter()
+            .filter(|(_, h)| h.due > now)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// When the first held entry is due again.
+    fn next_held_due(&self) -> Option<Instant> {
+        self.status().held.values().map(|h| h.due).min()
+    }
+
+    /// Make every held entry due now (their backoffs keep growing where they left off).
+    fn release_held(&self) {
+        let now = Instant::now();
+        for h in self.status().held.values_mut() {
+            h.due = now;
+        }
+    }
 }
 
 pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -128,6 +170,17 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
             }
         };
         worked_since_idle |= outcome != Pass::Idle;
+        // Held entries alone tell nothing of the cache: if it does not answer either, this
+        // is an outage, waited out as one (probing, so that it ends as soon as the cache is
+        // back); else the cache is well and only those entries wait.
+        let outcome = match outcome {
+            Pass::Held => match probe(&shared, &mut stop).await {
+                None => return,
+                Some(false) => Pass::RetryLater,
+                Some(true) => Pass::Held,
+            },
+            other => other,
+        };
         let wait = match outcome {
             Pass::Progressed { backlog: true } => {
                 backoff.reset();
@@ -139,7 +192,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
                 shared.status().retrying = false;
                 shared.settings.rescan_interval
             }
-            Pass::Idle => {
+            Pass::Idle | Pass::Held => {
                 backoff.reset();
                 shared.status().retrying = false;
                 if std::mem::take(&mut worked_since_idle) {
@@ -157,8 +210,15 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
                 if !wait_out_backoff(&shared, d, &mut stop).await {
                     return;
                 }
+                // Whatever was held failed perhaps for the same reason: all go again now.
+                shared.release_held();
                 continue;
             }
+        };
+        // The first held entry's time comes before the rescan's: a pass then.
+        let wait = match shared.next_held_due() {
+            Some(due) => wait.min(due.saturating_duration_since(Instant::now())),
+            None => wait,
         };
         let nudged = tokio::select! {
             _ = tokio::time::sleep(wait) => false,
@@ -250,6 +310,8 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
     let queue = shared.queue.clone();
     let batch_max = shared.settings.batch_entries;
     let counting = shared.clone();
+    // Held entries wait for their own time; until then they take no place in a batch.
+    let not_due = shared.held_not_due();
     // Read entries off the async threads; reject what can never succeed right away.
     let scanned = tokio::task::spawn_blocking(move || {
         let mut ready = Vec::new();
@@ -257,7 +319,11 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
         let mut backlog = false;
         let entries = queue.scan()?;
         counting.metrics.scanned(&entries);
+        let names: HashSet<OsString> = entries.iter().map(|e| e.name.clone()).collect();
         for entry in entries {
+            if not_due.contains(&entry.name) {
+                continue;
+            }
             if ready.len() >= batch_max {
                 backlog = true;
                 break;
@@ -268,10 +334,10 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
                 Read::Invalid(reason) => rejected.push((entry, reason)),
             }
         }
-        Ok::<_, std::io::Error>((ready, rejected, backlog))
+        Ok::<_, std::io::Error>((ready, rejected, backlog, names))
     })
     .await;
-    let (ready, invalid, backlog) = match scanned {
+    let (ready, invalid, backlog, names) = match scanned {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             error!(error = %e, "cannot scan the queue directory");
@@ -283,6 +349,8 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
             return Pass::RetryLater;
         }
     };
+    // Held entries removed by hand (or by `nixpush queue`) are forgotten.
+    shared.status().held.retain(|name, _| names.contains(name));
     let mut progressed = false;
     for (entry, reason) in invalid {
         reject(&shared, &entry, &reason.to_string());
@@ -296,29 +364,58 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
         };
     }
 
-    // One push for the whole batch; if anything fails, go entry by entry to tell apart the
-    // entries that can never succeed from those that should wait and retry.
+    // One push for the whole batch. If some paths fail, every entry whose roots were all
+    // published is done, and the others are settled by what their own paths did: rejected if
+    // that can never succeed, else held for a retry on their own backoff. If the push failed
+    // as a whole, for a reason that is not an outage, go entry by entry to find the entries
+    // that can never succeed.
     let span = info_span!("batch", entries = ready.len());
-    let batch_result = async {
+    let batch = async {
         // One validity query for the union (not one per entry): a burst of hook requests then
         // costs a few processes per batch, not per build.
         let items: BTreeSet<Item> = ready.iter().flat_map(|r| r.items.iter().cloned()).collect();
         let items: Vec<Item> = items.into_iter().collect();
-        let roots = resolve(&shared, &items).await?;
-        push(&shared, &roots).await
+        let roots = resolve(&shared, &items).await.map_err(|f| (f, None))?;
+        match push(&shared, &roots).await {
+            Ok(()) => Ok(()),
+            Err(f) => Err((f, Some(roots))),
+        }
     }
     .instrument(span)
     .await;
-    if batch_result.is_ok() {
-        let entries: Vec<Entry> = ready.iter().map(|r| r.entry.clone()).collect();
-        if let Err(e) = shared.queue.remove_all(&entries) {
-            // They stay and are pushed again later: harmless, everything is present then.
-            warn!(error = %e, "cannot remove finished queue entries");
+    let mut tally = Tally::default();
+    match batch {
+        Ok(_) => {
+            let entries: Vec<Entry> = ready.iter().map(|r| r.entry.clone()).collect();
+            {
+                let mut st = shared.status();
+                for e in &entries {
+                    st.held.remove(&e.name);
+                }
+            }
+            if let Err(e) = shared.queue.remove_all(&entries) {
+                // They stay and are pushed again later: harmless, everything is present then.
+                warn!(error = %e, "cannot remove finished queue entries");
+            }
+            return Pass::Progressed { backlog };
         }
-        return Pass::Progressed { backlog };
-    }
-    if let Err(f) = &batch_result {
-        if f.is_transient() {
+        Err((Failure::Paths(failed), Some(roots))) => {
+            let failed = FailedPaths::new(&failed);
+            for r in &ready {
+                // A batch of one entry has its roots already; others ask the store for theirs
+                // (only after a failure, so the common case keeps its one query).
+                let mine = if ready.len() == 1 {
+                    Ok(roots.clone())
+                } else {
+                    resolve_entry(&shared, r).await
+                };
+                match mine {
+                    Ok(mine) => tally.add(settle_paths(&shared, &r.entry, &mine, &failed)),
+                    Err(f) => tally.add(settle(&shared, &r.entry, Err(f))),
+                }
+            }
+        }
+        Err((f, _)) if f.is_transient() => {
             // The cache or Nix is unreachable: every entry would fail the same way, so retry
             // the batch rather than going through it entry by entry.
             let message = f.message(shared.store().store_dir());
@@ -326,31 +423,163 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
             shared.record_error(message);
             return Pass::RetryLater;
         }
-    }
-    if ready.len() == 1 && !ready[0].entry.is_seen() {
-        return match settle(&shared, &ready[0].entry, batch_result) {
-            Pass::Progressed { .. } => Pass::Progressed { backlog },
-            other => other,
-        };
-    }
-    let mut any_retry = false;
-    for r in &ready {
-        let span = info_span!("entry", name = %r.entry);
-        let result = async {
-            let roots = resolve_entry(&shared, r).await?;
-            push(&shared, &roots).await
+        Err((f, _)) if ready.len() == 1 && !ready[0].entry.is_seen() => {
+            tally.add(settle(&shared, &ready[0].entry, Err(f)))
         }
-        .instrument(span)
-        .await;
-        if settle(&shared, &r.entry, result) == Pass::RetryLater {
-            any_retry = true;
+        Err(_) => {
+            for r in &ready {
+                let span = info_span!("entry", name = %r.entry);
+                let settled = async {
+                    match resolve_entry(&shared, r).await {
+                        Err(f) => settle(&shared, &r.entry, Err(f)),
+                        Ok(roots) => match push(&shared, &roots).await {
+                            Ok(()) => settle(&shared, &r.entry, Ok(())),
+                            Err(Failure::Paths(failed)) => {
+                                settle_paths(&shared, &r.entry, &roots, &FailedPaths::new(&failed))
+                            }
+                            Err(f) => settle(&shared, &r.entry, Err(f)),
+                        },
+                    }
+                }
+                .instrument(span)
+                .await;
+                tally.add(settled);
+            }
         }
     }
-    if any_retry {
+    if tally.outage {
         Pass::RetryLater
-    } else {
+    } else if tally.progressed {
         Pass::Progressed { backlog }
+    } else {
+        Pass::Held
     }
+}
+
+/// How the entries of a pass were settled.
+#[derive(Default)]
+struct Tally {
+    /// Some entry was finished or rejected.
+    progressed: bool,
+    /// Some entry failed for a reason that is nobody's own (the cache or Nix unreachable).
+    outage: bool,
+}
+
+impl Tally {
+    fn add(&mut self, s: Settled) {
+        match s {
+            Settled::Finished | Settled::Rejected => self.progressed = true,
+            Settled::Held => {}
+            Settled::Outage => self.outage = true,
+        }
+    }
+}
+
+/// What became of one entry.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Settled {
+    Finished,
+    Rejected,
+    /// Some of its paths failed transiently: retried on its own backoff.
+    Held,
+    /// It could not be tried (the cache or Nix unreachable): the whole pass is retried.
+    Outage,
+}
+
+/// The paths that failed in a push, to settle entries by what their own roots did.
+struct FailedPaths<'a> {
+    by_path: HashMap<&'a StorePath, &'a Failed>,
+}
+
+impl<'a> FailedPaths<'a> {
+    fn new(failed: &'a [Failed]) -> Self {
+        Self {
+            by_path: failed.iter().map(|f| (&f.path, f)).collect(),
+        }
+    }
+
+    /// Where the failure of `f` began: a path held back because a reference failed points
+    /// to that reference, and so on down to a path that failed by itself.
+    fn origin(&self, mut f: &'a Failed) -> &'a Failed {
+        // A closure is acyclic; the bound is for a store that is not.
+        for _ in 0..self.by_path.len() {
+            match &*f.error {
+                PathError::Reference { path, .. } => match self.by_path.get(path) {
+                    Some(next) => f = next,
+                    None => break,
+                },
+                _ => break,
+            }
+        }
+        f
+    }
+}
+
+/// Settle an entry whose roots are `roots` after a push in which `failed` failed: finished if
+/// none of its roots failed (a path fails if any path of its closure does, so its closure is
+/// published), rejected if one failed for good, else held.
+fn settle_paths(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+    roots: &[StorePath],
+    failed: &FailedPaths<'_>,
+) -> Settled {
+    let mine: Vec<&Failed> = roots
+        .iter()
+        .filter_map(|p| failed.by_path.get(p).copied())
+        .collect();
+    if mine.is_empty() {
+        finish(shared, entry);
+        return Settled::Finished;
+    }
+    let sd = shared.store().store_dir();
+    // The paths that failed by themselves, each once, rather than every root held back.
+    let mut origins: Vec<&Failed> = mine.iter().map(|f| failed.origin(f)).collect();
+    origins.sort_by(|a, b| a.path.cmp(&b.path));
+    origins.dedup_by(|a, b| a.path == b.path);
+    let described: Vec<String> = origins
+        .iter()
+        .map(|f| format!("{}: {}", sd.display(&f.path), f.error))
+        .collect();
+    if mine.iter().all(|f| f.is_transient()) {
+        hold(shared, entry, described);
+        Settled::Held
+    } else {
+        reject(shared, entry, &described.join("; "));
+        Settled::Rejected
+    }
+}
+
+/// Put `entry` on its own backoff: it is left out of passes until its time comes, so that
+/// it delays no other entry.
+fn hold(shared: &Arc<Shared>, entry: &Entry, failed: Vec<String>) {
+    let message = failed.join("; ");
+    let (attempts, delay) = {
+        let mut st = shared.status();
+        let max = shared.settings.retry_max_delay;
+        let h = st.held.entry(entry.name.clone()).or_insert_with(|| Held {
+            backoff: Backoff::new(max),
+            due: Instant::now(),
+            failed: Vec::new(),
+            attempts: 0,
+        });
+        let delay = h.backoff.next();
+        h.due = Instant::now() + delay;
+        h.failed = failed;
+        h.attempts += 1;
+        (h.attempts, delay)
+    };
+    warn!(
+        entry = %entry,
+        attempts,
+        retry_in = ?delay,
+        error = %message,
+        "some paths of this entry failed; it is retried on its own while other entries go on"
+    );
+    shared.record_error(format!(
+        "{entry}: {message} (attempt {attempts}; retrying in {} s, other entries go on)",
+        delay.as_secs().max(1)
+    ));
 }
 
 /// Why an entry (or a batch) was not published.
@@ -391,23 +620,53 @@ impl Failure {
     }
 }
 
-pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Failure>) -> Pass {
+/// Settle an entry by the result of its own push (or of a batch of it alone).
+pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Failure>) -> Settled {
     let Err(f) = result else {
         finish(shared, entry);
-        return Pass::Progressed { backlog: false };
+        return Settled::Finished;
     };
     let message = f.message(shared.store().store_dir());
-    if f.is_transient() {
-        warn!(entry = %entry, error = %message, "publishing failed; will retry");
-        shared.record_error(message);
-        Pass::RetryLater
-    } else {
-        reject(shared, entry, &message);
-        Pass::Progressed { backlog: false }
+    match f {
+        Failure::Paths(failed) => {
+            // Every path that failed is of this entry: held if each may yet succeed.
+            if failed.iter().all(Failed::is_transient) {
+                let failed = FailedPaths::new(&failed);
+                let mut origins: Vec<String> = failed
+                    .by_path
+                    .values()
+                    .map(|f| failed.origin(f))
+                    .map(|f| {
+                        format!(
+                            "{}: {}",
+                            shared.store().store_dir().display(&f.path),
+                            f.error
+                        )
+                    })
+                    .collect();
+                origins.sort();
+                origins.dedup();
+                hold(shared, entry, origins);
+                Settled::Held
+            } else {
+                reject(shared, entry, &message);
+                Settled::Rejected
+            }
+        }
+        Failure::Push(e) if e.is_transient() => {
+            warn!(entry = %entry, error = %message, "publishing failed; will retry");
+            shared.record_error(message);
+            Settled::Outage
+        }
+        Failure::Push(_) => {
+            reject(shared, entry, &message);
+            Settled::Rejected
+        }
     }
 }
 
 pub(super) fn finish(shared: &Arc<Shared>, entry: &Entry) {
+    shared.status().held.remove(&entry.name);
     if let Err(e) = shared.queue.remove(entry) {
         // The entry stays and is pushed again later: harmless, everything is present then.
         warn!(entry = %entry, error = %e, "cannot remove a finished queue entry");
@@ -418,11 +677,21 @@ pub(super) fn finish(shared: &Arc<Shared>, entry: &Entry) {
 
 pub(super) fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
     error!(entry = %entry, %reason, "rejecting queue entry");
-    shared.status().rejected += 1;
-    shared.record_error(format!("rejected {entry}: {reason}"));
     if let Err(e) = shared.queue.reject(entry, reason) {
-        error!(entry = %entry, error = %e, "cannot move the entry to rejected/");
+        // A full queue directory, say: the entry stays where it is and is rejected again at
+        // a later pass.
+        error!(entry = %entry, error = %e, "cannot move the entry to rejected/; it stays queued");
+        shared.record_error(format!(
+            "cannot move {entry} to rejected/ ({e}); it stays queued; why it is rejected: {reason}"
+        ));
+        return;
     }
+    {
+        let mut st = shared.status();
+        st.rejected += 1;
+        st.held.remove(&entry.name);
+    }
+    shared.record_error(format!("rejected {entry}: {reason}"));
 }
 
 /// The store paths an entry stands for. Paths of a `-seen` entry (see [`super::watch_store`])

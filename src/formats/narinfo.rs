@@ -15,7 +15,8 @@
 //! Sig: <key name>:<base64>                  (zero or more)
 //! CA: <content address>                     (content-addressed paths only)
 //! ```
-//! When reading, StorePath, URL, NarHash and NarSize (> 0) are required, a missing Compression
+//! When reading, lines end at `\n` (a `\r` before it is part of the value, as for Nix),
+//! StorePath, URL, NarHash and NarSize (> 0) are required, a missing Compression
 //! means bzip2, and unknown keys are ignored by Nix; we keep them aside in
 //! [`NarInfo::unknown`] and write them after the known ones so that rewriting a narinfo made by a
 //! newer tool does not drop what it said.
@@ -106,7 +107,9 @@ impl NarInfo {
         let mut ca = None;
         let mut unknown = Vec::new();
 
-        for (i, raw) in text.lines().enumerate() {
+        // Lines end at '\n' only, as Nix reads them (`NarInfo::NarInfo`): a '\r' before it
+        // belongs to the value, so that what we read we write back the same.
+        for (i, raw) in text.split('\n').enumerate() {
             let line = i + 1;
             if raw.is_empty() {
                 continue;

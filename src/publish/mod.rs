@@ -224,6 +224,7 @@ impl PathError {
                 ),
                 pipeline::PipelineError::Dump(nar::DumpError::Sink(_))
                 | pipeline::PipelineError::Staging { .. }
+                | pipeline::PipelineError::StagingWrite { .. }
                 | pipeline::PipelineError::Stream(_) => true,
                 pipeline::PipelineError::Dump(nar::DumpError::UnsupportedType(_))
                 | pipeline::PipelineError::Listing(_)

@@ -13,6 +13,7 @@
 
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use sha2::Digest as _;
 
@@ -41,8 +42,13 @@ pub enum PipelineError {
     #[error("cannot read the NAR that the nix-daemon sent: {0}")]
     Stream(io::Error),
     // The cause is in the message, so it is not also the `source()` (printed once).
-    #[error("cannot create a staging file in {dir}: {error}")]
+    #[error("cannot create a staging file in {dir}: {error}{}", full_hint(error))]
     Staging { dir: String, error: io::Error },
+    #[error(
+        "cannot write the compressed NAR into its staging file in {dir}: {error}{}",
+        full_hint(error)
+    )]
+    StagingWrite { dir: String, error: io::Error },
     /// The listing of a NAR we hashed: only a NAR that is not one (caught by its NarHash too).
     #[error("cannot list the NAR: {0}")]
     Listing(String),
@@ -52,6 +58,18 @@ pub enum PipelineError {
         level: i32,
         range: &'static str,
     },
+}
+
+/// What to do about a full file system, after its error.
+fn full_hint(e: &io::Error) -> &'static str {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) {
+        "; the file system is full: free space there (the path is tried again)"
+    } else {
+        ""
+    }
 }
 
 /// A compressed NAR waiting in a temporary file (removed when dropped).
@@ -111,6 +129,85 @@ pub fn stage(
             error,
         })?;
     let (file, path) = tmp.into_parts();
+    // A failed write into the staging file (a full disk, most often) is told as such, with
+    // the directory, however deep in the pipeline it surfaced: otherwise it reads as a
+    // failure to archive the path, or to read the daemon's NAR.
+    let write_failure = Arc::new(Mutex::new(None));
+    let watched = Watched {
+        inner: file,
+        failure: write_failure.clone(),
+    };
+    stage_into(
+        watched,
+        path,
+        source,
+        staging_dir.is_some(),
+        opts,
+        size_hint,
+        contexts,
+        listing,
+    )
+    .map_err(|e| {
+        let failed = write_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match failed {
+            Some((kind, message)) => PipelineError::StagingWrite {
+                dir: dir.display().to_string(),
+                error: io::Error::new(kind, message),
+            },
+            None => e,
+        }
+    })
+}
+
+/// The first write error of the staging file, as (kind, message).
+type WriteFailure = Arc<Mutex<Option<(io::ErrorKind, String)>>>;
+
+/// The staging file, noting its first write error.
+struct Watched {
+    inner: std::fs::File,
+    failure: WriteFailure,
+}
+
+impl Watched {
+    fn note<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() {
+                *f = Some((e.kind(), e.to_string()));
+            }
+        }
+        r
+    }
+}
+
+impl Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.note(r)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.inner.flush();
+        self.note(r)
+    }
+}
+
+/// The rest of [`stage`], once the staging file is open: the file is removed (with `path`)
+/// if this fails.
+#[allow(clippy::too_many_arguments)]
+fn stage_into(
+    file: Watched,
+    path: tempfile::TempPath,
+    source: NarSource,
+    local_staging: bool,
+    opts: CompressOptions,
+    size_hint: u64,
+    contexts: &Contexts,
+    listing: bool,
+) -> Result<Staged, PipelineError> {
     let sink_err = |e: io::Error| PipelineError::Dump(nar::DumpError::Sink(e));
 
     let file_side = HashingWriter::new(BufWriter::with_capacity(WRITE_BUF, file));
@@ -164,10 +261,11 @@ pub fn stage(
     let (buffered, file_hash, file_size) = file_side.finish();
     let file = buffered
         .into_inner()
-        .map_err(|e| sink_err(e.into_error()))?;
+        .map_err(|e| sink_err(e.into_error()))?
+        .inner;
     // Staged where the cache lives (a local directory): its writeback starts now, behind the
     // next NAR's compression, rather than when its batch is flushed.
-    if staging_dir.is_some() {
+    if local_staging {
         nixpush_backends::fs::start_writeback(&file);
     }
     drop(file);
