@@ -19,9 +19,14 @@ pub const DEFAULT_PATH: &str = "/etc/nixpush/config.toml";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
-    /// Where to publish: a cache address as for `nix copy --to`.
-    #[serde(default = "defaults::cache")]
-    pub cache: String,
+    /// Where to publish: a cache address as for `nix copy --to`. Unset: the default, unless
+    /// `[[caches]]` names several (see [`Config::caches`]).
+    #[serde(default)]
+    cache: Option<String>,
+    /// Several caches, each with its own address and, where given, its own compression and
+    /// keys; a key not given is the top level's.
+    #[serde(default, rename = "caches")]
+    cache_list: Vec<CacheConfig>,
     /// Secret key files to sign with.
     #[serde(default)]
     pub key_files: Vec<PathBuf>,
@@ -63,6 +68,45 @@ pub struct Config {
     #[serde(default)]
     pub hook: HookConfig,
 }
+
+/// One entry of `[[caches]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheConfig {
+    /// A short name for logs, `status` and metrics; default: the address.
+    pub name: Option<String>,
+    pub cache: String,
+    #[serde(default, deserialize_with = "de_some_compression")]
+    pub compression: Option<Compression>,
+    pub compression_level: Option<i32>,
+    pub key_files: Option<Vec<PathBuf>>,
+    pub allow_unsigned: Option<bool>,
+    pub write_nar_listing: Option<bool>,
+    pub upload_logs: Option<bool>,
+}
+
+/// One cache to publish to, with the top level's keys filled in where its entry has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheTarget {
+    /// For logs, `status` and metrics: the entry's name, else its address.
+    pub name: String,
+    pub cache: String,
+    pub compression: Compression,
+    pub compression_level: Option<i32>,
+    pub key_files: Vec<PathBuf>,
+    pub allow_unsigned: bool,
+    pub write_nar_listing: bool,
+    pub upload_logs: bool,
+}
+
+/// A command that works on one cache was given a config that names several.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the config names {} caches ({}); say which one on the command line",
+    .0.len(),
+    .0.join(", ")
+)]
+pub struct SeveralCaches(pub Vec<String>);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -163,6 +207,12 @@ impl Default for Config {
 fn de_compression<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Compression, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
+}
+
+fn de_some_compression<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Compression>, D::Error> {
+    de_compression(d).map(Some)
 }
 
 /// A size as a number of bytes or a string with a unit (`"4GiB"`).
@@ -316,8 +366,46 @@ impl Config {
             key,
             message,
         };
-        pipeline::validate_level(self.compression, self.compression_level)
-            .map_err(|e| invalid("compression-level", e.to_string()))?;
+        if self.cache.is_some() && !self.cache_list.is_empty() {
+            return Err(invalid(
+                "caches",
+                "give either `cache` or `[[caches]]`, not both (move the top-level address \
+                 into a `[[caches]]` entry)"
+                    .into(),
+            ));
+        }
+        let targets = self.caches();
+        let mut names = std::collections::BTreeSet::new();
+        for t in &targets {
+            let several = targets.len() > 1;
+            let key =
+                |k: &'static str, several_k: &'static str| if several { several_k } else { k };
+            pipeline::validate_level(t.compression, t.compression_level).map_err(|e| {
+                invalid(
+                    key("compression-level", "caches.compression-level"),
+                    format!("{}{e}", prefix(several, &t.name)),
+                )
+            })?;
+            if t.key_files.is_empty() && !t.allow_unsigned {
+                return Err(invalid(
+                    key("key-files", "caches.key-files"),
+                    format!(
+                        "{}no signing key: name one, or set allow-unsigned = true to publish \
+                         unsigned paths on purpose",
+                        prefix(several, &t.name)
+                    ),
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(invalid(
+                    "caches.name",
+                    format!(
+                        "{:?} names two caches; give each entry a name of its own",
+                        t.name
+                    ),
+                ));
+            }
+        }
         if self.jobs == Some(0) {
             return Err(invalid("jobs", "must be at least 1".into()));
         }
@@ -334,12 +422,6 @@ impl Config {
             .map_err(|e| invalid("daemon.socket-mode", e.to_string()))?;
         self.metrics_listen()
             .map_err(|e| invalid("daemon.metrics-listen", e.to_string()))?;
-        if self.key_files.is_empty() && !self.allow_unsigned {
-            return Err(invalid(
-                "key-files",
-                "no signing key: name one, or set allow-unsigned = true to publish unsigned paths on purpose".into(),
-            ));
-        }
         self.filter()
             .map_err(|e| invalid("exclude", e.to_string()))?;
         if !self.queue_dir.is_absolute() {
@@ -349,6 +431,55 @@ impl Config {
             return Err(invalid("socket", "must be an absolute path".into()));
         }
         Ok(())
+    }
+
+    /// The caches to publish to: the `[[caches]]` entries, or the one the top level names.
+    pub fn caches(&self) -> Vec<CacheTarget> {
+        if self.cache_list.is_empty() {
+            let cache = self.cache.clone().unwrap_or_else(defaults::cache);
+            return vec![CacheTarget {
+                name: cache.clone(),
+                cache,
+                compression: self.compression,
+                compression_level: self.compression_level,
+                key_files: self.key_files.clone(),
+                allow_unsigned: self.allow_unsigned,
+                write_nar_listing: self.write_nar_listing,
+                upload_logs: self.upload_logs,
+            }];
+        }
+        self.cache_list
+            .iter()
+            .map(|c| CacheTarget {
+                name: c.name.clone().unwrap_or_else(|| c.cache.clone()),
+                cache: c.cache.clone(),
+                compression: c.compression.unwrap_or(self.compression),
+                // A level belongs to its compression: inherited only with it.
+                compression_level: match (c.compression, c.compression_level) {
+                    (_, Some(l)) => Some(l),
+                    (None, None) => self.compression_level,
+                    (Some(_), None) => None,
+                },
+                key_files: c
+                    .key_files
+                    .clone()
+                    .unwrap_or_else(|| self.key_files.clone()),
+                allow_unsigned: c.allow_unsigned.unwrap_or(self.allow_unsigned),
+                write_nar_listing: c.write_nar_listing.unwrap_or(self.write_nar_listing),
+                upload_logs: c.upload_logs.unwrap_or(self.upload_logs),
+            })
+            .collect()
+    }
+
+    /// The one cache the config names, for commands that work on one (`verify`, `gc`,
+    /// `doctor` without an address).
+    pub fn cache(&self) -> Result<String, SeveralCaches> {
+        match self.caches().as_slice() {
+            [one] => Ok(one.cache.clone()),
+            several => Err(SeveralCaches(
+                several.iter().map(|t| t.name.clone()).collect(),
+            )),
+        }
     }
 
     /// The paths to leave out, from `exclude` and `max-nar-size`.
@@ -367,39 +498,7 @@ impl Config {
     /// `LoadCredential=`), or else against the config file's directory (made absolute, so that
     /// `--config config.toml` looks next to that file, and an error can name the full path).
     pub fn resolved_key_files(&self, config_path: &Path) -> Vec<KeyFile> {
-        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        let config_dir = std::path::absolute(config_path)
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_default();
-        self.key_files
-            .iter()
-            .map(|k| {
-                if k.is_absolute() {
-                    KeyFile {
-                        path: k.clone(),
-                        relative_to: None,
-                    }
-                } else if let Some(dir) = &credentials {
-                    KeyFile {
-                        path: dir.join(k),
-                        relative_to: Some(format!(
-                            "{:?} in $CREDENTIALS_DIRECTORY ({})",
-                            k.display().to_string(),
-                            dir.display()
-                        )),
-                    }
-                } else {
-                    KeyFile {
-                        path: config_dir.join(k),
-                        relative_to: Some(format!(
-                            "{:?} next to the config file",
-                            k.display().to_string()
-                        )),
-                    }
-                }
-            })
-            .collect()
+        resolve_key_files(&self.key_files, config_path)
     }
 
     /// Where to serve metrics, if anywhere.
@@ -416,6 +515,59 @@ impl Config {
     }
 }
 
+/// `name: ` before a message about one of several caches.
+fn prefix(several: bool, name: &str) -> String {
+    if several {
+        format!("cache {name:?}: ")
+    } else {
+        String::new()
+    }
+}
+
+impl CacheTarget {
+    /// This cache's key files, resolved as [`Config::resolved_key_files`] resolves the top
+    /// level's.
+    pub fn resolved_key_files(&self, config_path: &Path) -> Vec<KeyFile> {
+        resolve_key_files(&self.key_files, config_path)
+    }
+}
+
+fn resolve_key_files(key_files: &[PathBuf], config_path: &Path) -> Vec<KeyFile> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let config_dir = std::path::absolute(config_path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    key_files
+        .iter()
+        .map(|k| {
+            if k.is_absolute() {
+                KeyFile {
+                    path: k.clone(),
+                    relative_to: None,
+                }
+            } else if let Some(dir) = &credentials {
+                KeyFile {
+                    path: dir.join(k),
+                    relative_to: Some(format!(
+                        "{:?} in $CREDENTIALS_DIRECTORY ({})",
+                        k.display().to_string(),
+                        dir.display()
+                    )),
+                }
+            } else {
+                KeyFile {
+                    path: config_dir.join(k),
+                    relative_to: Some(format!(
+                        "{:?} next to the config file",
+                        k.display().to_string()
+                    )),
+                }
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +578,84 @@ mod tests {
         let cfg = Config::load(p, true).unwrap();
         assert_eq!(cfg.compression, Compression::Zstd);
         assert!(!cfg.key_files.is_empty());
+    }
+
+    #[test]
+    fn several_caches_inherit_what_they_leave_out() {
+        let cfg = Config::parse(
+            Path::new("c.toml"),
+            "key-files = [\"a.key\"]\ncompression = \"xz\"\ncompression-level = 9\n\
+             [[caches]]\nname = \"local\"\ncache = \"file:///srv/a\"\n\
+             [[caches]]\ncache = \"s3://b\"\ncompression = \"zstd\"\n\
+             key-files = [\"b.key\"]\nwrite-nar-listing = true\n",
+        )
+        .unwrap();
+        let t = cfg.caches();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            (t[0].name.as_str(), t[0].cache.as_str()),
+            ("local", "file:///srv/a")
+        );
+        assert_eq!(
+            (t[0].compression, t[0].compression_level),
+            (Compression::Xz, Some(9))
+        );
+        assert_eq!(t[0].key_files, [PathBuf::from("a.key")]);
+        assert!(!t[0].write_nar_listing);
+        // Its own compression, without the top level's level (a level belongs to its codec).
+        assert_eq!(t[1].name, "s3://b");
+        assert_eq!(
+            (t[1].compression, t[1].compression_level),
+            (Compression::Zstd, None)
+        );
+        assert_eq!(t[1].key_files, [PathBuf::from("b.key")]);
+        assert!(t[1].write_nar_listing);
+        assert_eq!(
+            cfg.cache().unwrap_err().to_string(),
+            "the config names 2 caches (local, s3://b); say which one on the command line"
+        );
+        // One cache, as ever.
+        let one = Config::parse(Path::new("c.toml"), "allow-unsigned = true\n").unwrap();
+        assert_eq!(one.cache().unwrap(), "file:///var/cache/nixpush");
+        assert_eq!(one.caches()[0].name, "file:///var/cache/nixpush");
+    }
+
+    #[test]
+    fn several_caches_are_checked_each() {
+        let parse = |text: &str| {
+            Config::parse(Path::new("c.toml"), text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            parse(
+                "allow-unsigned = true\ncache = \"file:///a\"\n[[caches]]\ncache = \"file:///b\"\n"
+            ),
+            "config c.toml: caches: give either `cache` or `[[caches]]`, not both (move the \
+             top-level address into a `[[caches]]` entry)"
+        );
+        assert_eq!(
+            parse(
+                "key-files = [\"a.key\"]\n[[caches]]\ncache = \"file:///a\"\n\
+                 [[caches]]\nname = \"org\"\ncache = \"s3://b\"\nkey-files = []\n"
+            ),
+            "config c.toml: caches.key-files: cache \"org\": no signing key: name one, or set \
+             allow-unsigned = true to publish unsigned paths on purpose"
+        );
+        assert_eq!(
+            parse(
+                "allow-unsigned = true\n[[caches]]\nname = \"x\"\ncache = \"file:///a\"\n\
+                 [[caches]]\nname = \"x\"\ncache = \"file:///b\"\n"
+            ),
+            "config c.toml: caches.name: \"x\" names two caches; give each entry a name of its own"
+        );
+        let e = parse("allow-unsigned = true\n[[caches]]\ncache = \"file:///a\"\nkeys = []\n");
+        assert!(
+            e.contains("unknown field `keys`") && e.contains("line 4"),
+            "{e}"
+        );
+        let e = parse("allow-unsigned = true\n[[caches]]\nname = \"a\"\n");
+        assert!(e.contains("missing field `cache`"), "{e}");
     }
 
     #[test]

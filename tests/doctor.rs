@@ -261,6 +261,55 @@ fn an_unreachable_cache_fails() {
 }
 
 #[test]
+fn several_caches_are_checked_each() {
+    let d = Doctored::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cache = format!("cache = \"file://{}\"\n", d.setup.cache.display());
+    let second = d.setup.dir.path().join("second.sec");
+    fs::copy(&d.setup.keys.secret, &second).expect("copy key");
+    d.edit_config(&cache, "");
+    let text = fs::read_to_string(&d.setup.config).expect("config");
+    fs::write(
+        &d.setup.config,
+        format!(
+            "{text}\n[[caches]]\nname = \"local\"\ncache = \"file://{local}\"\n\n\
+             [[caches]]\nname = \"away\"\ncache = \"http://127.0.0.1:{port}/cache\"\n\
+             key-files = [\"{second}\"]\n",
+            local = d.setup.cache.display(),
+            second = second.display()
+        ),
+    )
+    .expect("write config");
+    let out = d.doctor();
+    // Each cache's key, and each cache probed: the directory answers, the other does not.
+    assert!(
+        out.stdout
+            .contains(&format!("ok    key file {}", d.setup.keys.secret.display()))
+            && out
+                .stdout
+                .contains(&format!("ok    key file {}", second.display()))
+            && out.stdout.contains(&format!(
+                "ok    the cache file://{} answers and accepts a write",
+                d.setup.cache.display()
+            )),
+        "{}",
+        out.report()
+    );
+    fails_with(
+        &out,
+        &[&format!(
+            "cache http://127.0.0.1:{port}/cache does not accept a write"
+        )],
+        &["check that the server is up"],
+    );
+    no_probe_left(&d.setup.cache);
+}
+
+#[test]
 fn a_cache_for_another_store_dir_fails() {
     let d = Doctored::new();
     fs::create_dir_all(&d.setup.cache).expect("cache dir");

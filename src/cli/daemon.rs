@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use nixpush::address::Address;
-use nixpush::config::Config;
+use nixpush::config::{CacheTarget, Config};
 use nixpush::daemon::{self, Settings};
 use nixpush::publish::pipeline::CompressOptions;
 use nixpush::publish::{PushOptions, Pusher};
@@ -77,49 +77,11 @@ async fn serve(
 ) -> anyhow::Result<()> {
     // Before the socket exists, so no request can see a daemon that SIGTERM would kill.
     let shutdown = shutdown_signal()?;
-    let addr = Address::parse(&cfg.cache)?;
-    let mut keys = Vec::new();
-    for k in cfg.resolved_key_files(config_path) {
-        let key = super::read_key(&k.path);
-        keys.push(match k.relative_to {
-            // Say where a relative name was looked for, so the fix is plain.
-            Some(how) => key.with_context(|| format!("key-files: {how}"))?,
-            None => key?,
-        });
-    }
-    if let Some(k) = &addr.secret_key {
-        keys.push(super::read_key(k)?);
-    }
-    if let Some(c) = addr.compression {
-        if c != cfg.compression {
-            bail!(
-                "config: compression = {:?} contradicts compression={c} in the cache address",
-                cfg.compression.name()
-            );
-        }
-    }
     let store = std::sync::Arc::new(NixStore::open().await?);
-    let backend = nixpush_backends::open(&addr.backend).await?;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let opts = PushOptions {
-        compress: CompressOptions {
-            compression: cfg.compression,
-            level: cfg.compression_level,
-            threads: if addr.parallel_compression == Some(false) {
-                1
-            } else {
-                cpus as u32
-            },
-        },
-        jobs: cfg.jobs.unwrap_or(cpus),
-        force: false,
-        keys,
-        skip_signed_by: cfg.skip_signed_by.clone(),
-        logs: cfg.upload_logs,
-        nar_listing: addr.write_nar_listing.unwrap_or(cfg.write_nar_listing),
-        filter: cfg.filter()?,
-        no_closure: false,
-    };
+    let mut caches = Vec::new();
+    for target in cfg.caches() {
+        caches.push(open_cache(&cfg, &target, config_path, store.clone()).await?);
+    }
     let metrics = match cfg.metrics_listen()? {
         Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| {
             format!("cannot listen on {addr} for metrics (daemon.metrics-listen)")
@@ -151,13 +113,79 @@ async fn serve(
         watch_store: cfg.daemon.watch_store,
         metrics,
     };
-    let pusher = Pusher::new(store, backend, opts);
-    let result = daemon::run(pusher, settings, listener, shutdown).await;
+    let result = daemon::run(caches, settings, listener, shutdown).await;
     if let Some(socket) = ours {
         socket.remove();
     }
     result?;
     Ok(())
+}
+
+/// One cache of the config, opened: its backend and how to publish to it.
+async fn open_cache(
+    cfg: &Config,
+    t: &CacheTarget,
+    config_path: &Path,
+    store: std::sync::Arc<NixStore>,
+) -> anyhow::Result<daemon::Cache> {
+    // With several caches, every message about one names it.
+    let named = |e: anyhow::Error| {
+        if cfg.caches().len() > 1 {
+            e.context(format!("cache {}", t.name))
+        } else {
+            e
+        }
+    };
+    let addr = Address::parse(&t.cache).map_err(|e| named(e.into()))?;
+    let mut keys = Vec::new();
+    for k in t.resolved_key_files(config_path) {
+        let key = super::read_key(&k.path);
+        keys.push(match k.relative_to {
+            // Say where a relative name was looked for, so the fix is plain.
+            Some(how) => key
+                .with_context(|| format!("key-files: {how}"))
+                .map_err(named)?,
+            None => key.map_err(named)?,
+        });
+    }
+    if let Some(k) = &addr.secret_key {
+        keys.push(super::read_key(k).map_err(named)?);
+    }
+    if let Some(c) = addr.compression {
+        if c != t.compression {
+            return Err(named(anyhow::anyhow!(
+                "config: compression = {:?} contradicts compression={c} in the cache address",
+                t.compression.name()
+            )));
+        }
+    }
+    let backend = nixpush_backends::open(&addr.backend)
+        .await
+        .map_err(|e| named(e.into()))?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let opts = PushOptions {
+        compress: CompressOptions {
+            compression: t.compression,
+            level: t.compression_level,
+            threads: if addr.parallel_compression == Some(false) {
+                1
+            } else {
+                cpus as u32
+            },
+        },
+        jobs: cfg.jobs.unwrap_or(cpus),
+        force: false,
+        keys,
+        skip_signed_by: cfg.skip_signed_by.clone(),
+        logs: t.upload_logs,
+        nar_listing: addr.write_nar_listing.unwrap_or(t.write_nar_listing),
+        filter: cfg.filter()?,
+        no_closure: false,
+    };
+    Ok(daemon::Cache::new(
+        t.name.clone(),
+        Pusher::new(store, backend, opts),
+    ))
 }
 
 /// The socket file this daemon made, known by its inode, so that a clean exit removes it only

@@ -115,24 +115,28 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             return r.finish();
         }
     };
-    let addr = Address::parse(&cfg.cache);
+    let targets = cfg.caches();
+    let addrs: Vec<_> = targets.iter().map(|t| Address::parse(&t.cache)).collect();
 
-    // 2. The keys, and what clients need to trust them.
-    let mut keys: Vec<KeyFile> = cfg.resolved_key_files(&path);
-    if let Ok(Some(k)) = addr.as_ref().map(|a| a.secret_key.clone()) {
-        keys.push(KeyFile {
-            path: k,
-            relative_to: Some("secret-key= in the cache address".into()),
-        });
-    }
-    if keys.is_empty() {
-        r.ok(
-            "no signing key: narinfos are published unsigned (allow-unsigned = true); clients \
-             need another signature or require-sigs = false",
-        )?;
-    }
-    for k in &keys {
-        check_key(&mut r, k)?;
+    // 2. The keys, and what clients need to trust them: each cache's.
+    for (t, addr) in targets.iter().zip(&addrs) {
+        let mut keys: Vec<KeyFile> = t.resolved_key_files(&path);
+        if let Ok(Some(k)) = addr.as_ref().map(|a| a.secret_key.clone()) {
+            keys.push(KeyFile {
+                path: k,
+                relative_to: Some("secret-key= in the cache address".into()),
+            });
+        }
+        if keys.is_empty() {
+            r.ok(format!(
+                "{}no signing key: narinfos are published unsigned (allow-unsigned = true); \
+                 clients need another signature or require-sigs = false",
+                of_cache(&targets, t)
+            ))?;
+        }
+        for k in &keys {
+            check_key(&mut r, k)?;
+        }
     }
 
     // 3. The local store, whose directory the cache must be for.
@@ -153,17 +157,24 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    // 4. The cache: answers, accepts a write, is for this store.
-    match &addr {
-        Err(e) => r.fail(e, "correct `cache` in the config")?,
-        Ok(addr) => match nixpush_backends::open(&addr.backend).await {
-            Err(e) => r.fail(e, "correct `cache` in the config")?,
-            Ok(backend) => {
-                if probe_cache(&mut r, &*backend).await? {
-                    check_cache_info(&mut r, &*backend, store_dir.as_deref()).await?;
+    // 4. Each cache: answers, accepts a write, is for this store.
+    let fix = if targets.len() > 1 {
+        "correct this `cache` in the config's [[caches]]"
+    } else {
+        "correct `cache` in the config"
+    };
+    for addr in &addrs {
+        match addr {
+            Err(e) => r.fail(e, fix)?,
+            Ok(addr) => match nixpush_backends::open(&addr.backend).await {
+                Err(e) => r.fail(e, fix)?,
+                Ok(backend) => {
+                    if probe_cache(&mut r, &*backend).await? {
+                        check_cache_info(&mut r, &*backend, store_dir.as_deref()).await?;
+                    }
                 }
-            }
-        },
+            },
+        }
     }
 
     // 5. Nix runs the hook, and the hook reads this config.
@@ -200,6 +211,15 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     check_queue_dir(&mut r, &cfg.queue_dir)?;
 
     r.finish()
+}
+
+/// `cache NAME: ` where the config names several caches, else nothing.
+fn of_cache(targets: &[nixpush::config::CacheTarget], t: &nixpush::config::CacheTarget) -> String {
+    if targets.len() > 1 {
+        format!("cache {}: ", t.name)
+    } else {
+        String::new()
+    }
 }
 
 fn check_key(r: &mut Report, k: &KeyFile) -> anyhow::Result<()> {

@@ -104,7 +104,7 @@ pub async fn run(args: GcArgs) -> anyhow::Result<ExitCode> {
     }
     let cache = match &args.cache {
         Some(c) => c.clone(),
-        None if config_path.exists() => Config::load_unchecked(&config_path)?.cache,
+        None if config_path.exists() => Config::load_unchecked(&config_path)?.cache()?,
         None => bail!(
             "no cache to collect: give its address (as for `push --to`), or a configuration \
              file with `cache` ({} does not exist)",

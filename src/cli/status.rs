@@ -128,7 +128,31 @@ fn utc(secs: u64) -> String {
 fn human(report: &StatusReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "cache:       {}", report.cache);
+    if report.caches.is_empty() {
+        let _ = writeln!(out, "cache:       {}", report.cache);
+    } else {
+        let _ = writeln!(out, "caches:      {}", report.caches.len());
+        for c in &report.caches {
+            let name = if c.name == c.cache {
+                c.cache.clone()
+            } else {
+                format!("{} ({})", c.name, c.cache)
+            };
+            let mut state = format!(
+                "{} to publish, {} published, {} failed",
+                count(c.waiting as u64, "entry", "entries"),
+                c.published,
+                c.failed
+            );
+            if c.held > 0 {
+                state.push_str(&format!(", {} held", c.held));
+            }
+            if c.retrying {
+                state.push_str(", retrying after a failure");
+            }
+            let _ = writeln!(out, "  {name}: {state}");
+        }
+    }
     let _ = writeln!(out, "uptime:      {}s", report.uptime_secs);
     let _ = writeln!(
         out,
@@ -189,9 +213,14 @@ fn human(report: &StatusReport) -> String {
             count(report.held.len() as u64, "entry", "entries")
         );
         for h in &report.held {
+            let for_cache = h
+                .cache
+                .as_ref()
+                .map(|c| format!(" (for {c})"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  {}: failed {}, next try in {}s",
+                "  {}{for_cache}: failed {}, next try in {}s",
                 h.entry,
                 count(u64::from(h.attempts), "time", "times"),
                 h.retry_in_secs

@@ -104,7 +104,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let cache = match (&args.cache, &config) {
         (Some(c), _) => c.clone(),
-        (None, Some(cfg)) => cfg.cache.clone(),
+        (None, Some(cfg)) => cfg.cache()?,
         (None, None) => bail!(
             "no cache to verify: give its address (as for `push --to`), or a configuration \
              file with `cache` ({} does not exist)",
@@ -125,8 +125,14 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         .map(|k| trusted_key(k))
         .collect::<anyhow::Result<_>>()?;
     if signing.is_empty() && keys_from_config {
-        if let Some(cfg) = &config {
-            for f in cfg.resolved_key_files(&config_path) {
+        // The keys of the configured cache being verified, or of the only one configured.
+        let target = config.as_ref().and_then(|cfg| {
+            let targets = cfg.caches();
+            let only = (targets.len() == 1).then(|| targets[0].clone());
+            targets.into_iter().find(|t| t.cache == cache).or(only)
+        });
+        if let Some(t) = target {
+            for f in t.resolved_key_files(&config_path) {
                 let key = super::read_key(&f.path).with_context(|| {
                     let how = f.relative_to.map(|h| format!(" ({h})")).unwrap_or_default();
                     format!(
@@ -171,7 +177,12 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let upstream = match &config {
         _ if !args.skip_signed_by.is_empty() => args.skip_signed_by.clone(),
-        Some(cfg) if args.cache.as_deref().is_none_or(|c| c == cfg.cache) => {
+        Some(cfg)
+            if cfg
+                .caches()
+                .iter()
+                .any(|t| args.cache.as_deref().is_none_or(|c| c == t.cache)) =>
+        {
             cfg.skip_signed_by.clone()
         }
         _ => Vec::new(),

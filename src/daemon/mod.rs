@@ -8,6 +8,7 @@
 //!                      watcher (nudges) ─► worker: scan, batch, push, remove or reject
 //!                      timer (rescans)  ─┘        ▲ backoff on failure, forever
 //! ```
+//! With several caches there is a worker per cache over the one queue (see [`worker`]).
 //! [`run`] gets a bound listener and a shutdown future, as in mini-redis: `main` parses
 //! arguments, loads the configuration, binds or inherits the socket, and hands over.
 //!
@@ -48,7 +49,8 @@ use crate::publish::plan::Root;
 use crate::publish::{Event, EventSink, Failed, PathError, PushError, Pusher, Summary, filter};
 use crate::store::Store;
 use protocol::{
-    ErrorRecord, HeldEntry, NEWEST_REJECTED, RejectedRecord, Request, Response, StatusReport,
+    CacheStatus, ErrorRecord, HeldEntry, NEWEST_REJECTED, RejectedRecord, Request, Response,
+    StatusReport,
 };
 use queue::{Entry, Item, Queue, Read};
 
@@ -65,14 +67,44 @@ pub struct Settings {
     pub metrics: Option<std::net::TcpListener>,
 }
 
+/// What the daemon's parts share: the queue, and the caches it publishes to.
 struct Shared {
-    pusher: Pusher,
+    /// At least one; each has a worker of its own (see [`worker`]'s module doc).
+    caches: Vec<Cache>,
     queue: Queue,
     settings: Settings,
-    nudge: Notify,
-    status: Mutex<StatusState>,
     metrics: metrics::Metrics,
     started: Instant,
+    /// With several caches: for each entry some cache has published but another has not yet,
+    /// which caches have (by index). The entry stays queued for the others, and the passes of
+    /// those that have it leave it out. Lost on a restart, which costs one more pass per cache
+    /// that finds everything present.
+    done: Mutex<HashMap<OsString, BTreeSet<usize>>>,
+}
+
+/// One cache the daemon publishes to, and what its worker keeps.
+pub struct Cache {
+    /// For logs and `status`: the config's name for it, else its address.
+    name: String,
+    pusher: Pusher,
+    nudge: Notify,
+    status: Mutex<StatusState>,
+}
+
+impl Cache {
+    pub fn new(name: String, pusher: Pusher) -> Self {
+        Self {
+            name,
+            pusher,
+            nudge: Notify::new(),
+            status: Mutex::new(StatusState::default()),
+        }
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, StatusState> {
+        // A panic while holding the lock leaves counters that are still good enough to report.
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Default)]
@@ -99,22 +131,28 @@ struct Held {
 }
 
 impl Shared {
+    /// The store every cache publishes from (they share one connection).
     fn store(&self) -> &dyn Store {
-        self.pusher.store()
+        self.caches[0].pusher.store()
     }
 
-    fn status(&self) -> std::sync::MutexGuard<'_, StatusState> {
-        // A panic while holding the lock leaves counters that are still good enough to report.
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    /// New work for every cache's worker.
+    fn nudge(&self) {
+        for c in &self.caches {
+            c.nudge.notify_one();
+        }
     }
 
-    fn record_error(&self, message: String) {
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut st = self.status();
-        st.last_errors.push_front(ErrorRecord { at, message });
-        st.last_errors.truncate(LAST_ERRORS);
+    fn done(&self) -> std::sync::MutexGuard<'_, HashMap<OsString, BTreeSet<usize>>> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A worker's view: the shared parts and its own cache.
+    fn worker(self: &Arc<Self>, index: usize) -> worker::Lane {
+        worker::Lane {
+            shared: self.clone(),
+            index,
+        }
     }
 }
 
@@ -138,7 +176,7 @@ pub enum StartError {
 
 /// Run the daemon until `shutdown` completes, then wind down.
 pub async fn run(
-    pusher: Pusher,
+    caches: Vec<Cache>,
     mut settings: Settings,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
@@ -149,14 +187,14 @@ pub async fn run(
         error,
     })?;
     queue.clean_stale_temps(Duration::from_secs(3600));
+    assert!(!caches.is_empty(), "the config names at least one cache");
     let shared = Arc::new(Shared {
-        pusher,
+        caches,
         queue,
         settings,
-        nudge: Notify::new(),
-        status: Mutex::new(StatusState::default()),
         metrics: metrics::Metrics::new(),
         started: Instant::now(),
+        done: Mutex::new(HashMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -174,7 +212,19 @@ pub async fn run(
         None
     };
     let worker_rt = WorkerRuntime::new().map_err(StartError::Worker)?;
-    let worker = worker_rt.spawn(worker::worker(shared.clone(), stop_rx.clone()));
+    // A worker per cache, over the same queue: a cache that is down delays only itself.
+    let several = shared.caches.len() > 1;
+    let workers: Vec<_> = (0..shared.caches.len())
+        .map(|i| {
+            // With several caches each worker's log lines name its cache.
+            let span = if several {
+                info_span!("cache", name = %shared.caches[i].name)
+            } else {
+                tracing::Span::none()
+            };
+            worker_rt.spawn(worker::worker(shared.worker(i), stop_rx.clone()).instrument(span))
+        })
+        .collect();
 
     if let Some(interval) = crate::daemon::systemd::watchdog_interval() {
         tokio::spawn(async move {
@@ -186,9 +236,14 @@ pub async fn run(
         });
     }
 
+    let caches: Vec<String> = shared
+        .caches
+        .iter()
+        .map(|c| c.pusher.backend_description())
+        .collect();
     info!(
         queue = %shared.queue.dir().display(),
-        cache = %shared.pusher.backend_description(),
+        cache = %caches.join(", "),
         "nixpush daemon started"
     );
     // On the worker's runtime: a scrape runs below the socket's priority.
@@ -199,7 +254,9 @@ pub async fn run(
         worker_rt.spawn(metrics::serve(l, shared.clone(), stop_rx.clone()))
     });
     // After the lines above, so the log reads in the order things happen.
-    let ready = tokio::spawn(announce_ready(shared.clone(), stop_rx.clone()));
+    let ready: Vec<_> = (0..shared.caches.len())
+        .map(|i| tokio::spawn(announce_ready(shared.worker(i), stop_rx.clone())))
+        .collect();
     // The accept loop runs as a task on a runtime thread, not in the caller's `block_on`: a
     // connection it spawns then starts on the same thread (tokio runs the task spawned last
     // next), with no hand-over to another thread on the way to the acknowledgement.
@@ -210,8 +267,12 @@ pub async fn run(
     let _ = stop_tx.send(true);
     // Returns once the listener is closed.
     let _ = server.await;
-    ready.abort();
-    let _ = worker.await;
+    for r in ready {
+        r.abort();
+    }
+    for w in workers {
+        let _ = w.await;
+    }
     if let Some(m) = metrics_server {
         let _ = m.await;
     }
@@ -219,27 +280,29 @@ pub async fn run(
     Ok(())
 }
 
-async fn announce_ready(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Tell systemd the daemon is ready once a cache answers (the first of several: the others
+/// are waited for by their own workers, and delay nothing else).
+async fn announce_ready(lane: worker::Lane, mut stop: watch::Receiver<bool>) {
     // Each attempt is one small read, so they come every PROBE_INTERVAL: READY=1 follows within
     // moments of the cache answering, however long it was away. The log and `status` hear of
     // it on a growing backoff's schedule instead, so a long outage does not flood them.
-    let mut warnings = Backoff::new(shared.settings.retry_max_delay);
+    let mut warnings = Backoff::new(lane.settings.retry_max_delay);
     let mut next_warning = Instant::now();
     loop {
-        match shared.pusher.ensure_cache_info().await {
+        match lane.pusher().ensure_cache_info().await {
             Ok(()) => {
                 crate::daemon::systemd::notify("READY=1");
-                info!("cache answered; ready");
+                info!(cache = %lane.name(), "cache answered; ready");
                 return;
             }
             Err(e) => {
-                shared.metrics.push_error(&e);
+                lane.metrics.push_error(&e);
                 if Instant::now() >= next_warning {
                     next_warning = Instant::now() + warnings.next();
-                    warn!(error = %e, retry_in = ?worker::PROBE_INTERVAL, "cache not reachable yet");
-                    shared.record_error(format!("cache check: {e}"));
+                    warn!(cache = %lane.name(), error = %e, retry_in = ?worker::PROBE_INTERVAL, "cache not reachable yet");
+                    lane.record_error(format!("cache check: {e}"));
                 } else {
-                    debug!(error = %e, "cache not reachable yet");
+                    debug!(cache = %lane.name(), error = %e, "cache not reachable yet");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(worker::PROBE_INTERVAL) => {}
@@ -257,7 +320,7 @@ fn start_watcher(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher> {
         // Runs on notify's thread: never panic here, just nudge.
         if res.is_ok() {
             if let Some(s) = weak.upgrade() {
-                s.nudge.notify_one();
+                s.nudge();
             }
         }
     };

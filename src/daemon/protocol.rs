@@ -78,6 +78,28 @@ pub struct StatusReport {
     /// The newest of them ([`NEWEST_REJECTED`] at most), most recent first.
     #[serde(default)]
     pub newest_rejected: Vec<RejectedRecord>,
+    /// With several caches, each one's own figures (the fields above are their sums, and
+    /// `cache` lists them all); empty with one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<CacheStatus>,
+}
+
+/// One of several caches, in [`StatusReport::caches`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    /// The config's name for it, else its address.
+    pub name: String,
+    pub cache: String,
+    /// Queued entries this cache has still to publish.
+    pub waiting: usize,
+    pub in_flight: usize,
+    pub published: u64,
+    pub excluded: u64,
+    pub failed: u64,
+    pub rejected: u64,
+    pub retrying: bool,
+    /// Entries held on their own backoff for this cache.
+    pub held: usize,
 }
 
 /// How many rejected entries `status` shows with their reasons.
@@ -104,6 +126,9 @@ pub struct HeldEntry {
     pub attempts: u32,
     /// Seconds until its next try (0: at the next pass).
     pub retry_in_secs: u64,
+    /// With several caches, the one it is held for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

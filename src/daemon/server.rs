@@ -410,7 +410,7 @@ pub(super) async fn enqueue(shared: &Arc<Shared>, raw: &[String]) -> Response {
         Ok(Ok(Err(message))) => Response::Error { message },
         Ok(Ok(Ok(entry))) => {
             debug!(entry, write_us = started.elapsed().as_micros(), "queued");
-            shared.nudge.notify_one();
+            shared.nudge();
             Response::Queued { entry }
         }
         Ok(Err(e)) => {
@@ -464,31 +464,70 @@ pub(super) async fn status_report(shared: &Arc<Shared>) -> StatusReport {
             reason: r.reason,
         })
         .collect();
-    let st = shared.status();
     let now = Instant::now();
-    let held = st
-        .held
-        .iter()
-        .map(|(name, h)| HeldEntry {
-            entry: Entry::new(name.clone()).to_string(),
-            failed: h.failed.clone(),
-            attempts: h.attempts,
-            retry_in_secs: h.due.saturating_duration_since(now).as_secs(),
-        })
-        .collect();
-    StatusReport {
-        cache: shared.pusher.backend_description(),
+    let several = shared.caches.len() > 1;
+    let done = shared.done().clone();
+    let mut report = StatusReport {
+        cache: shared
+            .caches
+            .iter()
+            .map(|c| c.pusher.backend_description())
+            .collect::<Vec<_>>()
+            .join(", "),
         uptime_secs: shared.started.elapsed().as_secs(),
         queue_depth: depth,
-        in_flight: st.in_flight,
-        published: st.published,
-        excluded: st.excluded,
-        failed: st.failed,
-        rejected: st.rejected,
-        retrying: st.retrying,
-        held,
-        last_errors: st.last_errors.iter().cloned().collect(),
         rejected_entries,
         newest_rejected,
+        ..StatusReport::default()
+    };
+    for (index, c) in shared.caches.iter().enumerate() {
+        let st = c.status();
+        let named = |text: &str| {
+            if several {
+                format!("cache {}: {text}", c.name)
+            } else {
+                text.to_owned()
+            }
+        };
+        report.in_flight += st.in_flight;
+        report.published += st.published;
+        report.excluded += st.excluded;
+        report.failed += st.failed;
+        report.rejected += st.rejected;
+        report.retrying |= st.retrying;
+        report
+            .held
+            .extend(st.held.iter().map(|(name, h)| HeldEntry {
+                entry: Entry::new(name.clone()).to_string(),
+                failed: h.failed.clone(),
+                attempts: h.attempts,
+                retry_in_secs: h.due.saturating_duration_since(now).as_secs(),
+                cache: several.then(|| c.name.clone()),
+            }));
+        report
+            .last_errors
+            .extend(st.last_errors.iter().map(|e| ErrorRecord {
+                at: e.at,
+                message: named(&e.message),
+            }));
+        if several {
+            let done_here = done.values().filter(|s| s.contains(&index)).count();
+            report.caches.push(CacheStatus {
+                name: c.name.clone(),
+                cache: c.pusher.backend_description(),
+                waiting: depth.saturating_sub(done_here),
+                in_flight: st.in_flight,
+                published: st.published,
+                excluded: st.excluded,
+                failed: st.failed,
+                rejected: st.rejected,
+                retrying: st.retrying,
+                held: st.held.len(),
+            });
+        }
     }
+    // Most recent first, whichever cache's; as many as one cache keeps.
+    report.last_errors.sort_by_key(|e| std::cmp::Reverse(e.at));
+    report.last_errors.truncate(LAST_ERRORS);
+    report
 }

@@ -197,7 +197,7 @@ async fn look_at(
                 for p in &found {
                     pending.remove(p);
                 }
-                shared.nudge.notify_one();
+                shared.nudge();
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot queue new store paths; will try again");

@@ -24,8 +24,95 @@
 //! why. When a pass achieved nothing but holding, the cache is probed: if it does not answer
 //! either, that is an outage, waited out as above, after which every held entry is tried
 //! at once.
+//!
+//! # Several caches
+//! Each cache of `[[caches]]` has a worker of its own ([`Lane`]), all over the same queue
+//! directory, each with its own backoff, held entries and counters: a cache that is down
+//! waits out its own outage while the others go on. An entry a cache has published is
+//! marked done for it in memory and left out of its passes; the last cache to publish it
+//! removes it. Nothing on disk records who has what: after a crash or restart every cache
+//! goes over the whole queue again, and the caches that had an entry find all its paths
+//! present (one presence check per path, no upload). Rejection is for entries that can never
+//! succeed anywhere (a path that is not valid), so the first cache to reject an entry rejects
+//! it for all; `nixpush queue retry` gives it back to every cache.
 
 use super::*;
+
+/// One cache's worker's view of the daemon: the shared parts (through `Deref`) and its own
+/// cache.
+#[derive(Clone)]
+pub(super) struct Lane {
+    pub(super) shared: Arc<Shared>,
+    pub(super) index: usize,
+}
+
+impl std::ops::Deref for Lane {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Lane {
+    pub(super) fn cache(&self) -> &Cache {
+        &self.shared.caches[self.index]
+    }
+
+    pub(super) fn pusher(&self) -> &Pusher {
+        &self.cache().pusher
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.cache().name
+    }
+
+    pub(super) fn status(&self) -> std::sync::MutexGuard<'_, StatusState> {
+        self.cache().status()
+    }
+
+    pub(super) fn record_error(&self, message: String) {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut st = self.status();
+        st.last_errors.push_front(ErrorRecord { at, message });
+        st.last_errors.truncate(LAST_ERRORS);
+    }
+
+    /// The entries this cache has published while another cache has not yet.
+    fn done_here(&self) -> HashSet<OsString> {
+        self.done()
+            .iter()
+            .filter(|(_, caches)| caches.contains(&self.index))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// This cache has published `entries`: those that every cache has now may leave the
+    /// queue (returned); the others wait for the caches that have not.
+    fn completed(&self, entries: &[Entry]) -> Vec<Entry> {
+        let n = self.caches.len();
+        if n == 1 {
+            return entries.to_vec();
+        }
+        let mut done = self.done();
+        entries
+            .iter()
+            .filter(|e| {
+                let caches = done.entry(e.name.clone()).or_default();
+                caches.insert(self.index);
+                let all = caches.len() == n;
+                if all {
+                    done.remove(&e.name);
+                } else {
+                    debug!(entry = %e, "published here; waiting for the other caches");
+                }
+                all
+            })
+            .cloned()
+            .collect()
+    }
+}
 
 pub(super) const RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
 
@@ -122,7 +209,7 @@ pub(super) enum Pass {
     Held,
 }
 
-impl Shared {
+impl Lane {
     /// The held entries whose time has not come.
     fn held_not_due(&self) -> HashSet<OsString> {
         let now = Instant::now();
@@ -148,7 +235,7 @@ impl Shared {
     }
 }
 
-pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(super) async fn worker(shared: Lane, mut stop: watch::Receiver<bool>) {
     let mut backoff = Backoff::new(shared.settings.retry_max_delay);
     let mut worked_since_idle = false;
     loop {
@@ -223,7 +310,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
         let nudged = tokio::select! {
             _ = tokio::time::sleep(wait) => false,
             // New work while idle starts soon.
-            _ = shared.nudge.notified() => true,
+            _ = shared.cache().nudge.notified() => true,
             _ = stop.changed() => return,
         };
         if nudged {
@@ -242,7 +329,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
 /// [`PROBE_INTERVAL`]; end early once it answers after it did not (see the module doc). False
 /// if told to stop.
 async fn wait_out_backoff(
-    shared: &Arc<Shared>,
+    shared: &Lane,
     delay: Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
@@ -281,9 +368,9 @@ async fn wait_out_backoff(
 
 /// Whether the cache answers (its `nix-cache-info` within [`PROBE_TIMEOUT`]); `None` if told
 /// to stop meanwhile.
-async fn probe(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Option<bool> {
+async fn probe(shared: &Lane, stop: &mut watch::Receiver<bool>) -> Option<bool> {
     tokio::select! {
-        r = tokio::time::timeout(PROBE_TIMEOUT, shared.pusher.ensure_cache_info()) => Some(match r {
+        r = tokio::time::timeout(PROBE_TIMEOUT, shared.pusher().ensure_cache_info()) => Some(match r {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 shared.metrics.push_error(&e);
@@ -305,13 +392,15 @@ pub(super) struct Ready {
     pub(super) items: Vec<Item>,
 }
 
-pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
+pub(super) async fn process_pass(shared: Lane) -> Pass {
     let sd = shared.store().store_dir().clone();
     let queue = shared.queue.clone();
     let batch_max = shared.settings.batch_entries;
     let counting = shared.clone();
     // Held entries wait for their own time; until then they take no place in a batch.
-    let not_due = shared.held_not_due();
+    let mut not_due = shared.held_not_due();
+    // Entries this cache has published wait for the other caches, not for it.
+    not_due.extend(shared.done_here());
     // Read entries off the async threads; reject what can never succeed right away.
     let scanned = tokio::task::spawn_blocking(move || {
         let mut ready = Vec::new();
@@ -351,6 +440,10 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
     };
     // Held entries removed by hand (or by `nixpush queue`) are forgotten.
     shared.status().held.retain(|name, _| names.contains(name));
+    if shared.caches.len() > 1 {
+        // So are entries rejected by another cache, or removed by hand, that this one had.
+        shared.done().retain(|name, _| names.contains(name));
+    }
     let mut progressed = false;
     for (entry, reason) in invalid {
         reject(&shared, &entry, &reason.to_string());
@@ -393,6 +486,7 @@ pub(super) async fn process_pass(shared: Arc<Shared>) -> Pass {
                     st.held.remove(&e.name);
                 }
             }
+            let entries = shared.completed(&entries);
             if let Err(e) = shared.queue.remove_all(&entries) {
                 // They stay and are pushed again later: harmless, everything is present then.
                 warn!(error = %e, "cannot remove finished queue entries");
@@ -519,7 +613,7 @@ impl<'a> FailedPaths<'a> {
 /// none of its roots failed (a path fails if any path of its closure does, so its closure is
 /// published), rejected if one failed for good, else held.
 fn settle_paths(
-    shared: &Arc<Shared>,
+    shared: &Lane,
     entry: &Entry,
     roots: &[StorePath],
     failed: &FailedPaths<'_>,
@@ -552,7 +646,7 @@ fn settle_paths(
 
 /// Put `entry` on its own backoff: it is left out of passes until its time comes, so that
 /// it delays no other entry.
-fn hold(shared: &Arc<Shared>, entry: &Entry, failed: Vec<String>) {
+fn hold(shared: &Lane, entry: &Entry, failed: Vec<String>) {
     let message = failed.join("; ");
     let (attempts, delay) = {
         let mut st = shared.status();
@@ -621,7 +715,7 @@ impl Failure {
 }
 
 /// Settle an entry by the result of its own push (or of a batch of it alone).
-pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Failure>) -> Settled {
+pub(super) fn settle(shared: &Lane, entry: &Entry, result: Result<(), Failure>) -> Settled {
     let Err(f) = result else {
         finish(shared, entry);
         return Settled::Finished;
@@ -665,8 +759,11 @@ pub(super) fn settle(shared: &Arc<Shared>, entry: &Entry, result: Result<(), Fai
     }
 }
 
-pub(super) fn finish(shared: &Arc<Shared>, entry: &Entry) {
+pub(super) fn finish(shared: &Lane, entry: &Entry) {
     shared.status().held.remove(&entry.name);
+    if shared.completed(std::slice::from_ref(entry)).is_empty() {
+        return;
+    }
     if let Err(e) = shared.queue.remove(entry) {
         // The entry stays and is pushed again later: harmless, everything is present then.
         warn!(entry = %entry, error = %e, "cannot remove a finished queue entry");
@@ -675,7 +772,7 @@ pub(super) fn finish(shared: &Arc<Shared>, entry: &Entry) {
     }
 }
 
-pub(super) fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
+pub(super) fn reject(shared: &Lane, entry: &Entry, reason: &str) {
     error!(entry = %entry, %reason, "rejecting queue entry");
     if let Err(e) = shared.queue.reject(entry, reason) {
         // A full queue directory, say: the entry stays where it is and is rejected again at
@@ -696,7 +793,7 @@ pub(super) fn reject(shared: &Arc<Shared>, entry: &Entry, reason: &str) {
 
 /// The store paths an entry stands for. Paths of a `-seen` entry (see [`super::watch_store`])
 /// that are no longer valid were collected since they appeared: they are passed over.
-async fn resolve_entry(shared: &Arc<Shared>, r: &Ready) -> Result<Vec<StorePath>, Failure> {
+async fn resolve_entry(shared: &Lane, r: &Ready) -> Result<Vec<StorePath>, Failure> {
     if !r.entry.is_seen() {
         return resolve(shared, &r.items).await;
     }
@@ -731,10 +828,7 @@ async fn resolve_entry(shared: &Arc<Shared>, r: &Ready) -> Result<Vec<StorePath>
 
 /// The store paths a request stands for ([`plan`]); paths that are not valid make it fail
 /// for good.
-pub(super) async fn resolve(
-    shared: &Arc<Shared>,
-    items: &[Item],
-) -> Result<Vec<StorePath>, Failure> {
+pub(super) async fn resolve(shared: &Lane, items: &[Item]) -> Result<Vec<StorePath>, Failure> {
     let roots: Vec<Root> = items
         .iter()
         .map(|it| match it {
@@ -742,21 +836,21 @@ pub(super) async fn resolve(
             Item::Outputs(d) => Root::Outputs(d.clone()),
         })
         .collect();
-    Ok(shared.pusher.resolve(&roots).await?)
+    Ok(shared.pusher().resolve(&roots).await?)
 }
 
-pub(super) async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<(), Failure> {
+pub(super) async fn push(shared: &Lane, roots: &[StorePath]) -> Result<(), Failure> {
     if roots.is_empty() {
         return Ok(());
     }
     let events: EventSink = {
-        let shared = Arc::downgrade(shared);
+        let (weak, index) = (Arc::downgrade(&shared.shared), shared.index);
         Arc::new(move |e: &Event| {
-            let Some(shared) = shared.upgrade() else {
+            let Some(shared) = weak.upgrade() else {
                 return;
             };
             shared.metrics.event(e);
-            let mut st = shared.status();
+            let mut st = shared.caches[index].status();
             match e {
                 Event::Planned { to_push, .. } => st.in_flight = *to_push,
                 Event::Started { .. } => {}
@@ -771,14 +865,14 @@ pub(super) async fn push(shared: &Arc<Shared>, roots: &[StorePath]) -> Result<()
             }
         })
     };
-    let result = shared.pusher.push(roots, events).await;
+    let result = shared.pusher().push(roots, events).await;
     shared.status().in_flight = 0;
     if let Err(e) = &result {
         shared.metrics.push_error(e);
     }
     let summary: Summary = result?;
     if !summary.excluded.is_empty() {
-        let sd = shared.pusher.store().store_dir().clone();
+        let sd = shared.pusher().store().store_dir().clone();
         let display = |p: &StorePath| sd.display(p);
         for (path, why) in &summary.excluded {
             let why = filter::Explained {
