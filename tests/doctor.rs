@@ -131,6 +131,15 @@ fn fails_with(out: &Out, words: &[&str], fix_words: &[&str]) {
     );
 }
 
+/// A port nothing listens on: bound, then closed.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 fn no_probe_left(cache: &Path) {
     let left = dir_names(cache, |n| n.contains("doctor"));
     assert!(left.is_empty(), "probe objects left in the cache: {left:?}");
@@ -243,12 +252,7 @@ fn a_key_others_can_read_fails() {
 #[test]
 fn an_unreachable_cache_fails() {
     let d = Doctored::new();
-    // A port nothing listens on: bound, then closed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = closed_port();
     let cache = format!("file://{}", d.setup.cache.display());
     d.edit_config(&cache, &format!("http://127.0.0.1:{port}/cache"));
     fails_with(
@@ -263,11 +267,7 @@ fn an_unreachable_cache_fails() {
 #[test]
 fn several_caches_are_checked_each() {
     let d = Doctored::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = closed_port();
     let cache = format!("cache = \"file://{}\"\n", d.setup.cache.display());
     let second = d.setup.dir.path().join("second.sec");
     fs::copy(&d.setup.keys.secret, &second).expect("copy key");

@@ -230,30 +230,6 @@ fn check_fault_mix(records: &[Record]) {
     }
 }
 
-/// `nix copy --from URL` of `roots` into a fresh store, signatures required; every path of
-/// `all` is then valid there.
-fn nix_substitutes(url: &str, root: &Path, public_key: &str, roots: &[String], all: &[String]) {
-    let copy = run_ok(
-        nix()
-            .arg("copy")
-            .arg("--from")
-            .arg(url)
-            .arg("--to")
-            .arg(root)
-            .args(["--option", "trusted-public-keys", public_key])
-            .args(["--option", "require-sigs", "true"])
-            .args(["--option", "substituters", ""])
-            .args(roots),
-    );
-    for p in all {
-        assert!(
-            valid_in_root(root, p),
-            "{p} not valid after {}",
-            copy.report()
-        );
-    }
-}
-
 #[test]
 fn a_daemon_publishes_everything_through_a_faulty_s3() {
     let Some(sw) = testbeds::seaweedfs() else {
@@ -317,7 +293,7 @@ fn a_daemon_publishes_everything_through_a_faulty_s3() {
     );
 
     // Real Nix substitutes it all, checking every signature and hash.
-    nix_substitutes(
+    nix_substitutes_from(
         &format!("{}/{BUCKET}/{prefix}", sw.endpoint()),
         &tmp.path().join("root"),
         &keys.public_key(),
@@ -378,7 +354,7 @@ fn a_daemon_publishes_everything_through_a_faulty_http_cache() {
         "the nar/ folder holds more than the NARs named"
     );
 
-    nix_substitutes(
+    nix_substitutes_from(
         &ngx.url(&path),
         &tmp.path().join("root"),
         &keys.public_key(),
@@ -877,7 +853,7 @@ fn four_daemons_share_one_bucket() {
 
     // Nix substitutes all four closures, whichever builder signed each path.
     let public: Vec<String> = keys.iter().map(KeyPair::public_key).collect();
-    nix_substitutes(
+    nix_substitutes_from(
         &format!("{}/{BUCKET}/{prefix}", sw.endpoint()),
         &tmp.path().join("root"),
         &public.join(" "),

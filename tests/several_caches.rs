@@ -15,7 +15,6 @@ mod daemon_support;
 mod testbeds;
 
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -87,30 +86,6 @@ fn narinfo_in_bucket(sw: &testbeds::SeaweedFs, prefix: &str, path: &str) -> Stri
     );
     assert_eq!(code, 200, "{path}: {body}");
     body
-}
-
-/// `nix copy --from URL` into a fresh store with `public_key` required: every path is valid
-/// there after.
-fn nix_substitutes(url: &str, root: &Path, public_key: &str, paths: &[String]) {
-    let copy = run_ok(
-        nix()
-            .arg("copy")
-            .arg("--from")
-            .arg(url)
-            .arg("--to")
-            .arg(root)
-            .args(["--option", "trusted-public-keys", public_key])
-            .args(["--option", "require-sigs", "true"])
-            .args(["--option", "substituters", ""])
-            .args(paths),
-    );
-    for p in paths {
-        assert!(
-            valid_in_root(root, p),
-            "{p} not valid after {}",
-            copy.report()
-        );
-    }
 }
 
 /// The `caches` of `nixpush status --json`, by name: (entries to publish, retrying).
@@ -280,16 +255,18 @@ key-files = ["{s3_key}"]
         assert!(remote.contains("Sig: caches-s3.example.org-1:"), "{remote}");
     }
     let root = tempdir();
-    nix_substitutes(
+    nix_substitutes_from(
         &format!("file://{}", setup.cache.display()),
         &root.path().join("from-dir"),
         &setup.keys.public_key(),
+        &apps,
         &all,
     );
-    nix_substitutes(
+    nix_substitutes_from(
         &format!("{}/{BUCKET}/{prefix}", sw.endpoint()),
         &root.path().join("from-s3"),
         &s3_keys.public_key(),
+        &apps,
         &all,
     );
     drop(daemon);

@@ -944,3 +944,33 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `nix copy --from URL` of `roots` into a fresh store, signatures required; every path of
+/// `all` is then valid there.
+pub fn nix_substitutes_from(
+    url: &str,
+    root: &Path,
+    public_key: &str,
+    roots: &[String],
+    all: &[String],
+) {
+    let copy = run_ok(
+        nix()
+            .arg("copy")
+            .arg("--from")
+            .arg(url)
+            .arg("--to")
+            .arg(root)
+            .args(["--option", "trusted-public-keys", public_key])
+            .args(["--option", "require-sigs", "true"])
+            .args(["--option", "substituters", ""])
+            .args(roots),
+    );
+    for p in all {
+        assert!(
+            valid_in_root(root, p),
+            "{p} not valid after {}",
+            copy.report()
+        );
+    }
+}
