@@ -38,22 +38,6 @@ fn nixpush_s3() -> Command {
     nixpush_with_s3_keys(testbeds::S3_ACCESS_KEY, testbeds::S3_SECRET_KEY)
 }
 
-/// `nix copy --from URL --to ROOT PATHS`, trusting only `public_keys`, signatures required.
-fn nix_copy_from(url: &str, root: &Path, public_keys: &[String], paths: &[String]) -> Out {
-    run_ok(
-        nix()
-            .arg("copy")
-            .arg("--from")
-            .arg(url)
-            .arg("--to")
-            .arg(root)
-            .args(["--option", "trusted-public-keys", &public_keys.join(" ")])
-            .args(["--option", "require-sigs", "true"])
-            .args(["--option", "substituters", ""])
-            .args(paths),
-    )
-}
-
 fn assert_substituted(root: &Path, paths: &[String], how: &Out) {
     for p in paths {
         assert!(

@@ -23,20 +23,14 @@ use daemon_support::{PATIENCE, Setup, closure_of_all, wait_until};
 const BUCKET: &str = testbeds::PUBLIC_BUCKETS[0];
 
 /// An application per `n`, referring to a base path of its own.
-const APPS_NIX: &str = r#"
-{ salt }:
-let
-  mk = name: script: builtins.derivation {
-    inherit name salt;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    PATH = "/usr/bin:/bin";
-  };
-  base = n: mk "np-caches-base-${toString n}" "printf 'base ${toString n} %s\n' \"$salt\" > $out";
+const APPS_NIX: &str = concat!(
+    "{ salt }:\nlet\n",
+    nix_mk!(),
+    r#"  base = n: mk "np-caches-base-${toString n}" "printf 'base ${toString n} %s\n' \"$salt\" > $out";
   app = n: mk "np-caches-app-${toString n}" "printf 'app ${toString n} %s uses ${base n}\n' \"$salt\" > $out";
 in { a1 = app 1; a2 = app 2; a3 = app 3; }
-"#;
+"#
+);
 
 /// SeaweedFS stopped until dropped (then continued, even when the test fails).
 struct Stopped(u32);

@@ -78,9 +78,11 @@ async fn serve(
     // Before the socket exists, so no request can see a daemon that SIGTERM would kill.
     let shutdown = shutdown_signal()?;
     let store = std::sync::Arc::new(NixStore::open().await?);
+    let targets = cfg.caches();
+    let several = targets.len() > 1;
     let mut caches = Vec::new();
-    for target in cfg.caches() {
-        caches.push(open_cache(&cfg, &target, config_path, store.clone()).await?);
+    for target in &targets {
+        caches.push(open_cache(&cfg, target, several, config_path, store.clone()).await?);
     }
     let metrics = match cfg.metrics_listen()? {
         Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| {
@@ -125,12 +127,13 @@ async fn serve(
 async fn open_cache(
     cfg: &Config,
     t: &CacheTarget,
+    several: bool,
     config_path: &Path,
     store: std::sync::Arc<NixStore>,
 ) -> anyhow::Result<daemon::Cache> {
     // With several caches, every message about one names it.
     let named = |e: anyhow::Error| {
-        if cfg.caches().len() > 1 {
+        if several {
             e.context(format!("cache {}", t.name))
         } else {
             e

@@ -945,6 +945,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `nix copy --from URL --to ROOT PATHS`, trusting only `public_keys`, signatures required.
+pub fn nix_copy_from(url: &str, root: &Path, public_keys: &[String], paths: &[String]) -> Out {
+    run_ok(
+        nix()
+            .arg("copy")
+            .arg("--from")
+            .arg(url)
+            .arg("--to")
+            .arg(root)
+            .args(["--option", "trusted-public-keys", &public_keys.join(" ")])
+            .args(["--option", "require-sigs", "true"])
+            .args(["--option", "substituters", ""])
+            .args(paths),
+    )
+}
+
 /// `nix copy --from URL` of `roots` into a fresh store, signatures required; every path of
 /// `all` is then valid there.
 pub fn nix_substitutes_from(
@@ -954,18 +970,7 @@ pub fn nix_substitutes_from(
     roots: &[String],
     all: &[String],
 ) {
-    let copy = run_ok(
-        nix()
-            .arg("copy")
-            .arg("--from")
-            .arg(url)
-            .arg("--to")
-            .arg(root)
-            .args(["--option", "trusted-public-keys", public_key])
-            .args(["--option", "require-sigs", "true"])
-            .args(["--option", "substituters", ""])
-            .args(roots),
-    );
+    let copy = nix_copy_from(url, root, &[public_key.to_owned()], roots);
     for p in all {
         assert!(
             valid_in_root(root, p),
